@@ -53,16 +53,11 @@ if __name__ == "__main__":
     print('Loading MNIST dataset...')
     train_set, valid_set, test_set = load_mnist(data_dir, train_set_size=train_set_size,
                                                 verify_checksums=verify_checksums)
-    # for the hinge loss: one-hot {0, 1} -> {-1, +1}
-    (X_train, y_train), (X_val, y_val), (X_test, y_test) = [
-        (X, 2 * y - 1.) for X, y in (train_set, valid_set, test_set)]
 
     print('Building the MLP...')
     model = mlp(num_units=num_units, n_hidden_layers=n_hidden_layers, dropout_in=dropout_in,
                 dropout_hidden=dropout_hidden, binary=binary, stochastic=stochastic, H=H,
                 W_LR_scale=W_LR_scale, epsilon=epsilon, alpha=alpha)
-    optimizer = binary_connect.make_optimizer(model, LR_start)
 
-    print('Training...')
-    training.train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
-                   X_train, y_train, X_val, y_val, X_test, y_test, run)
+    training.fit(model, train_set, valid_set, test_set, run,
+                 batch_size, LR_start, LR_decay, num_epochs)

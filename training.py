@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from binary_connect import binary_layers, set_learning_rate, squared_hinge_loss
+from binary_connect import binary_layers, make_optimizer, set_learning_rate, squared_hinge_loss
 
 CHECKPOINT_VERSION = 1
 
@@ -169,14 +169,18 @@ class _Split:
     def __init__(self, X, y, device):
         self.n = len(X)
         self.device = device
-        on_disk = isinstance(X, np.memmap) or (isinstance(X, np.ndarray) and X.base is not None
-                                               and isinstance(X.base, np.memmap))
-        fits = device.type == "cpu" or (
-            X.nbytes < 0.6 * torch.cuda.mem_get_info(device)[0])
-        if on_disk and device.type == "cpu" or not fits:
+        on_disk = isinstance(X, np.memmap) or isinstance(getattr(X, "base", None), np.memmap)
+        fits = device.type == "cpu" or X.nbytes < 0.6 * torch.cuda.mem_get_info(device)[0]
+        if (on_disk and device.type == "cpu") or not fits:
             self.X = X
+        elif device.type == "cpu":
+            self.X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         else:
-            self.X = torch.as_tensor(np.ascontiguousarray(X), device=device)
+            # Copied in chunks, so a memory-mapped SVHN never needs a 7 GB host copy.
+            self.X = torch.empty(X.shape, dtype=torch.float32, device=device)
+            for s in range(0, self.n, 65536):
+                self.X[s:s + 65536].copy_(torch.from_numpy(
+                    np.ascontiguousarray(X[s:s + 65536], dtype=np.float32)))
         self.y = torch.as_tensor(np.ascontiguousarray(y, dtype=np.float32), device=device)
 
     def rows(self, start, stop):
@@ -350,6 +354,18 @@ def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
         print(f"Best validation error rate {str2(best['best_val_err'])}% at epoch "
               f"{best['best_epoch']}; test error rate there: {str2(best['test_err'])}%")
     return state["history"]
+
+
+def fit(model, train_set, valid_set, test_set, run, batch_size, LR_start, LR_decay, num_epochs):
+    """What every script does once its data and network are built: hinge targets, the two
+    Adams (§2.2), then the loop."""
+    # for the hinge loss: one-hot {0, 1} -> {-1, +1}
+    (X_train, y_train), (X_val, y_val), (X_test, y_test) = [
+        (X, 2 * np.asarray(y, dtype=np.float32) - 1.) for X, y in (train_set, valid_set, test_set)]
+    optimizer = make_optimizer(model, LR_start)
+    print('Training...')
+    return train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
+                 X_train, y_train, X_val, y_val, X_test, y_test, run)
 
 
 def _check_finite(losses, epoch):

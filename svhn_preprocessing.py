@@ -1,0 +1,176 @@
+"""Preprocess SVHN as the original svhn_preprocessing.py did through pylearn2 (../shared/SPEC.md 6.3).
+
+    python svhn_preprocessing.py [config.py ...] [--key=value ...]
+
+Reads the official format-2 files train_32x32.mat, extra_32x32.mat and test_32x32.mat from data_dir,
+splits train + extra into splitted_train (598,388 images) and valid (6,000) with pylearn2's rule
+(RandomState(322)), shuffles test as pylearn2's make_data did, and writes for each set
+<SVHN_LOCAL_PATH>/<set>_X.npy, float32 (N, 3, 32, 32) after GCN (scale 1) and LeCun LCN, and
+<set>_y.npy, float32 one-hot (N, 10) with column = label - 1 (digit 0, label 10, is column 9).
+The sets are streamed in chunks of chunk_size images; each file is written under a temporary name
+and renamed when complete, so an interrupted run never leaves a partial file under a final name.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+data_dir = "data/svhn"  # the official .mat files (bc_datasets says where to get them)
+SVHN_LOCAL_PATH = os.environ.get("SVHN_LOCAL_PATH", "data/svhn/preprocessed")  # output directory
+lcn_channels = "0"  # the original's quirk: LCN on channel 0 only (SPEC 6.3); "0,1,2" normalises all
+verify_checksums = True  # check the .mat files' MD5s before use
+chunk_size = 5000  # images per chunk (pylearn2 used batches of 5000)
+seed = 322  # pylearn2's RandomState seed for the split and the shuffles
+n_valid_train = 400  # valid images per class taken from train
+n_valid_extra = 200  # valid images per class taken from extra
+
+import bc_datasets  # noqa: E402
+from preprocessing import shuffle_order, split_train_valid, svhn_gcn_lcn  # noqa: E402
+
+
+class AtomicNpyWriter:
+    """Writes a .npy file of known shape chunk by chunk, under a temporary name in the same
+    directory; on a clean exit (every row written) it flushes, fsyncs and renames it to `path`;
+    on an exception it deletes the temporary file. Rows go out with plain sequential writes rather
+    than through a memmap, so the written data never counts in the process's resident memory."""
+
+    def __init__(self, path, shape, dtype=np.float32):
+        self.path = os.fspath(path)
+        self.tmp_path = f"{self.path}.tmp{os.getpid()}"
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self._file = None
+
+    def __enter__(self):
+        self._file = open(self.tmp_path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self._file, header)
+        return self
+
+    def write(self, chunk):
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        if chunk.shape[1:] != self.shape[1:] or self.rows + len(chunk) > self.shape[0]:
+            raise ValueError(f"{self.path}: chunk of shape {chunk.shape} does not fit rows "
+                             f"{self.rows}.. of {self.shape}")
+        self._file.write(chunk.data)
+        self.rows += len(chunk)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                if self.rows != self.shape[0]:
+                    raise RuntimeError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self.tmp_path, self.path)
+                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+                return False
+        except BaseException:
+            self._discard()
+            raise
+        self._discard()
+        return False
+
+    def _discard(self):
+        self._file.close()
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
+
+
+def _fsync_dir(directory):
+    # makes the rename itself durable
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def one_hot(labels):
+    """.mat labels 1..10 -> float32 (N, 10), column = label - 1 (pylearn2 <= Oct 2014, SPEC 6.3)."""
+    labels = np.asarray(labels).ravel().astype(np.int64)
+    if labels.size and (labels.min() < 1 or labels.max() > 10):
+        raise ValueError(f"SVHN labels must be 1..10, found {labels.min()}..{labels.max()}")
+    y = np.zeros((len(labels), 10), dtype=np.float32)
+    y[np.arange(len(labels)), labels - 1] = 1.
+    return y
+
+
+def gather_images(sources, src, idx):
+    """Images (n, 3, 32, 32) uint8 for output rows given by (src, idx); sources[s] is a .mat X of
+    shape (32, 32, 3, N). The design matrix is in c01 order, i.e. X transposed to (N, 3, 32, 32)."""
+    out = np.empty((len(idx), 3, 32, 32), dtype=np.uint8)
+    for s, X in enumerate(sources):
+        rows = np.nonzero(src == s)[0]
+        if len(rows):
+            out[rows] = np.take(X, idx[rows], axis=3).transpose(3, 2, 0, 1)
+    return out
+
+
+def write_set(name, out_dir, sources, labels, src, idx, channels, chunk):
+    """Writes <out_dir>/<name>_X.npy and <name>_y.npy for the output rows (src, idx) of `sources`
+    (the .mat X arrays) and `labels` (their 1..10 label vectors), `chunk` images at a time."""
+    n = len(idx)
+    n_chunks = -(-n // chunk)
+    y = np.empty((n, 10), dtype=np.float32)
+    for s, lab in enumerate(labels):
+        rows = np.nonzero(src == s)[0]
+        y[rows] = one_hot(np.asarray(lab).ravel()[idx[rows]])
+    t0 = time.time()
+    with AtomicNpyWriter(os.path.join(out_dir, f"{name}_X.npy"), (n, 3, 32, 32)) as wx, \
+            AtomicNpyWriter(os.path.join(out_dir, f"{name}_y.npy"), (n, 10)) as wy:
+        wy.write(y)
+        for k, a in enumerate(range(0, n, chunk)):
+            images = gather_images(sources, src[a:a + chunk], idx[a:a + chunk])
+            wx.write(svhn_gcn_lcn(images, channels=channels))
+            print(f"{name}: chunk {k + 1}/{n_chunks} ({min(a + chunk, n)}/{n} images, "
+                  f"{time.time() - t0:.0f} s)", flush=True)
+    print(f"{name}: wrote {n} images to {out_dir} in {time.time() - t0:.1f} s", flush=True)
+
+
+def parse_channels(text):
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        channels = ()
+    if not channels or len(set(channels)) != len(channels) or any(c not in (0, 1, 2) for c in channels):
+        raise SystemExit(f"error: --lcn_channels={text}: give distinct channels among 0, 1, 2 "
+                         f"separated by commas, e.g. 0 or 0,1,2")
+    return channels
+
+
+def main():
+    t_start = time.time()
+    channels = parse_channels(lcn_channels)
+    if chunk_size < 1:
+        raise SystemExit(f"error: --chunk_size={chunk_size}: must be at least 1")
+    files = bc_datasets.svhn_mat_files(data_dir, verify_checksums=verify_checksums)
+    os.makedirs(SVHN_LOCAL_PATH, exist_ok=True)
+    print(f"SVHN: GCN + LCN on channel(s) {channels}, writing to {SVHN_LOCAL_PATH}", flush=True)
+
+    X_train, y_train = bc_datasets.read_svhn_mat(files["train"])
+    X_extra, y_extra = bc_datasets.read_svhn_mat(files["extra"])
+    train_src, train_idx, valid_src, valid_idx = split_train_valid(
+        y_train, y_extra, seed=seed, n_valid_train=n_valid_train, n_valid_extra=n_valid_extra)
+    sources, labels = (X_train, X_extra), (y_train, y_extra)
+    write_set("valid", SVHN_LOCAL_PATH, sources, labels, valid_src, valid_idx, channels, chunk_size)
+    write_set("splitted_train", SVHN_LOCAL_PATH, sources, labels, train_src, train_idx, channels,
+              chunk_size)
+    del X_train, X_extra, sources  # free the 1.6 GB of extra before reading test
+
+    X_test, y_test = bc_datasets.read_svhn_mat(files["test"])
+    order = shuffle_order(len(y_test), seed=seed)
+    write_set("test", SVHN_LOCAL_PATH, (X_test,), (y_test,), np.zeros(len(order), np.uint8), order,
+              channels, chunk_size)
+    print(f"SVHN preprocessing done in {time.time() - t_start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    # configure() is called here rather than at import, so that tests can import this module
+    from configurator import configure
+    config = configure(globals())
+    main()

@@ -34,8 +34,8 @@ def binarization(W, H, binary=True, deterministic=False, stochastic=False, gener
         b = u < p
     else:
         b = W >= 0
-    Hp = torch.tensor(H, dtype=W.dtype, device=W.device)
-    return torch.where(b, Hp, -Hp)
+    # {0, 1} -> {-H, +H}, exactly, in W's dtype, with no host-to-device copy of H.
+    return (b.to(W.dtype) * 2. - 1.) * H
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -55,6 +55,13 @@ def glorot_coefficient(fan_in, fan_out):
     return float(np.float32(np.sqrt(1.5 / (fan_in + fan_out))))
 
 
+def _number(name, value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: give \"Glorot\" or a number") from None
+
+
 class BinaryLayerMixin:
     """What the original's binary DenseLayer and Conv2DLayer share: H, W_LR_scale, init, Wb."""
 
@@ -62,10 +69,10 @@ class BinaryLayerMixin:
         self.binary = binary
         self.stochastic = stochastic
         coefficient = glorot_coefficient(fan_in, fan_out)
-        self.H = coefficient if H == "Glorot" else float(H)
+        self.H = coefficient if H == "Glorot" else _number("H", H)
         # §1.3: the inverse Glorot coefficient, whatever H is.
         self.W_LR_scale = (float(np.float32(1. / np.sqrt(1.5 / (fan_in + fan_out))))
-                           if W_LR_scale == "Glorot" else float(W_LR_scale))
+                           if W_LR_scale == "Glorot" else _number("W_LR_scale", W_LR_scale))
         rng = np.random if rng is None else rng
         # §4.5: like Lasagne, each binary layer draws its stream's seed, then its W, from the
         # global numpy RNG, in construction order.

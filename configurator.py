@@ -5,7 +5,9 @@ A config file is a Python file of such assignments, applied first; `--key=value`
 then parsed to the type of the default. Mistakes stop the run with a message naming the key.
 """
 import ast
+import json
 import sys
+from pathlib import Path
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -50,11 +52,38 @@ def _check_key(key, config, source):
                           + ", ".join(config))
 
 
+# What may differ when a run is resumed: where things are, not what is computed.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH")
+
+
+def _resume(config, explicit):
+    """--resume=RUN_DIR continues that run with ITS hyperparameters (hparams.json); an explicit
+    setting that contradicts them would silently change the experiment, so it is refused."""
+    run_dir = Path(config["resume"])
+    if not (run_dir / "last.pt").exists():
+        raise ConfigError(f"--resume={run_dir}: no checkpoint {run_dir / 'last.pt'} to resume")
+    path = run_dir / "hparams.json"
+    try:
+        stored = json.loads(path.read_text())["hparams"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--resume={config['resume']}: cannot read {path} ({e})") from None
+    conflicts = [f"{k}={explicit[k]!r} (the run has {stored[k]!r})" for k in explicit
+                 if k in stored and k not in RESUME_MAY_CHANGE and explicit[k] != stored[k]]
+    if conflicts:
+        raise ConfigError("a resumed run keeps its hyperparameters; drop " + ", ".join(conflicts)
+                          + f", or start a new run without --resume")
+    for key, value in stored.items():
+        if key in config and key not in explicit:
+            config[key] = value
+
+
 def configure(globals_dict, argv=None):
     """Apply config files and --key=value overrides from argv (sys.argv[1:]) to the script's
-    globals; returns the dict of hyperparameters after overrides."""
+    globals; returns the dict of hyperparameters after overrides. With --resume=RUN_DIR the
+    run's stored hyperparameters replace the script's defaults."""
     config = hyperparameters(globals_dict)
     argv = sys.argv[1:] if argv is None else argv
+    explicit = {}
     for arg in argv:
         if not arg.startswith("--"):
             try:
@@ -71,12 +100,14 @@ def configure(globals_dict, argv=None):
                         type(default) is float and type(value) is int):
                     raise ConfigError(f"{arg}: {key} = {value!r}: {key} takes a "
                                       f"{type(default).__name__} (its default is {default!r})")
-                config[key] = type(default)(value)
+                config[key] = explicit[key] = type(default)(value)
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:
                 raise ConfigError(f"{arg}: write overrides as --{key}=value")
             _check_key(key, config, "the command line")
-            config[key] = parse_value(key, text, config[key])
+            config[key] = explicit[key] = parse_value(key, text, config[key])
+    if config.get("resume"):
+        _resume(config, explicit)
     globals_dict.update(config)
     return config

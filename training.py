@@ -131,6 +131,9 @@ def start_run(script, config):
     if not resume and (out / "last.pt").exists():
         raise SystemExit(f"error: {out} already holds a run; continue it with --resume={out} "
                          "or choose another --out_dir")
+    if not resume and (out / "hparams.json").exists():
+        raise SystemExit(f"error: {out} holds a run that stopped before its first checkpoint; "
+                         "delete it or choose another --out_dir")
     try:  # fail before any training if the records cannot be written
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / ".write_test", b"")
@@ -152,8 +155,11 @@ def start_run(script, config):
                   device=str(device) + (f" ({torch.cuda.get_device_name(device)})"
                                         if device.type == "cuda" else ""),
                   started=datetime.datetime.now().isoformat(timespec="seconds"))
-    name = "hparams.json" if not resume else "hparams.resumed.json"
-    atomic_write_bytes(out / name, (json.dumps(record, indent=1) + "\n").encode())
+    if resume:  # hparams.json stays as the run began; each resume adds a line here
+        with open(out / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    else:
+        atomic_write_bytes(out / "hparams.json", (json.dumps(record, indent=1) + "\n").encode())
     sys.stdout = Tee(sys.stdout, out / "log.txt")
     if resume:
         print(f"Resuming the run in {out}")
@@ -388,11 +394,13 @@ def _save_checkpoint(run, model, optimizer, state, best=False):
                       optimizer=optimizer.state_dict(), rng=_rng_states(model),
                       hparams=run.config, **state)
     try:
-        atomic_torch_save(checkpoint, run.path("last.pt"))
+        # best.pt first: if it fails, last.pt still holds the previous epoch, which a resume
+        # then redoes, best.pt included.
         if best:
             atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
                                    epoch=state["epoch"], hparams=run.config),
                               run.path("best.pt"))
+        atomic_torch_save(checkpoint, run.path("last.pt"))
     except OSError as e:
         raise SystemExit(f"error: could not write a checkpoint in {run.out_dir} "
                          f"({e.strerror or e}); the previous one is intact. Free some space, "

@@ -1,0 +1,471 @@
+"""Runs that survive 20 hours (training.start_run / training.train, issue 4): exact resume after a kill,
+a mid-epoch SIGINT/SIGTERM checkpoint, atomic checkpoints on a full disk, NaN stops, unwritable or
+reused run directories, and the records (metrics.jsonl, log.txt, hparams.json) of a run.
+
+Everything runs mnist.py on the CPU with a tiny fake MNIST. Failures are injected deterministically:
+tests/ writes a small runner script that patches the loss (or os.replace) to kill or signal its own
+process at a given batch of a given epoch, then runs mnist.py with runpy. No sleeps, no timeouts.
+"""
+import ast
+import errno
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fake_data import write_fake_mnist  # noqa: E402
+
+# The tiny configuration: 5 training batches of 20 per epoch, 3 validation and 3 test batches.
+TINY = dict(num_units=32, n_hidden_layers=1, num_epochs=4, batch_size=20, train_set_size=100,
+            verify_checksums=False, device="cpu")
+N_BATCHES = 100 // 20
+N_TRAIN, N_TEST = 160, 60
+
+# BC_TEST_HOOK (JSON) says what to inject:
+#   {"action": "SIGKILL"|"SIGINT"|"SIGTERM"|"nan", "at": k}: at the k-th training loss (counted over
+#       the whole process: epoch e, batch b is k = (e-1)*N_BATCHES + b), signal this process or make
+#       that loss NaN. Training losses are the ones computed with autograd on.
+#   {"action": "kill_on_replace", "at": k}: SIGKILL this process just before the k-th os.replace onto
+#       last.pt, i.e. between writing the temporary file and renaming it.
+RUNNER = r'''
+import json, os, runpy, signal, sys
+repo, script, *args = sys.argv[1:]
+sys.path.insert(0, repo)
+hook = json.loads(os.environ.get("BC_TEST_HOOK") or "null")
+if hook:
+    import torch, binary_connect, training
+    count = [0]
+    if hook["action"] == "kill_on_replace":
+        real_replace = os.replace
+        def replace(src, dst, *a, **k):
+            if os.path.basename(os.fspath(dst)) == "last.pt":
+                count[0] += 1
+                if count[0] == hook["at"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst, *a, **k)
+        os.replace = replace
+    else:
+        real_loss = binary_connect.squared_hinge_loss
+        def loss(output, target):
+            value = real_loss(output, target)
+            if torch.is_grad_enabled():
+                count[0] += 1
+                if count[0] == hook["at"]:
+                    if hook["action"] == "nan":
+                        value = value * float("nan")
+                    else:
+                        os.kill(os.getpid(), getattr(signal, hook["action"]))
+            return value
+        binary_connect.squared_hinge_loss = training.squared_hinge_loss = loss
+sys.argv = [script] + args
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def at(epoch, batch):
+    return (epoch - 1) * N_BATCHES + batch
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    (root / "runner.py").write_text(RUNNER)
+    write_fake_mnist(root / "data" / "mnist", n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    return root
+
+
+def run_mnist(work, out, hook=None, resume=False, **overrides):
+    config = dict(TINY, data_dir=str(work / "data" / "mnist"), out_dir=str(out), **overrides)
+    args = [f"--{k}={v}" for k, v in config.items()]
+    if resume:
+        args.append(f"--resume={out}")
+    env = dict(os.environ, BC_TEST_HOOK=json.dumps(hook) if hook else "")
+    return subprocess.run([sys.executable, str(work / "runner.py"), str(REPO), str(REPO / "mnist.py"),
+                           *args], cwd=work, env=env, capture_output=True, text=True)
+
+
+def check_ok(p):
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def reference(work):
+    """The uninterrupted run, one per BC variant (run once, shared; tests copy before mutating)."""
+    _references = {}
+
+    def get(stochastic=True):
+        if stochastic not in _references:
+            out = work / f"reference-{stochastic}"
+            p = run_mnist(work, out, stochastic=stochastic)
+            check_ok(p)
+            rows = metrics(out)
+            assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+            _references[stochastic] = (out, p, rows)
+        return _references[stochastic]
+    return get
+
+
+# 1. Exact resume ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_resume_after_sigkill_mid_epoch_is_exact(work, reference, tmp_path, stochastic):
+    _, _, expected = reference(stochastic)
+    out = tmp_path / "b"
+    p = run_mnist(work, out, hook=dict(action="SIGKILL", at=at(3, 2)), stochastic=stochastic)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    assert load(out / "last.pt")["epoch"] == 2
+    p = run_mnist(work, out, resume=True, stochastic=stochastic)
+    check_ok(p)
+    got = metrics(out)
+    assert without_seconds(got) == without_seconds(expected)
+    # log.txt keeps both processes' reports, each epoch once, agreeing with metrics.jsonl.
+    reports = parse_reports((out / "log.txt").read_text())
+    assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
+    for report, row in zip(reports, got):
+        check_report(report, row)
+
+
+@pytest.fixture(scope="module")
+def interrupted(work):
+    """A run stopped by a signal at (epoch, batch), made once; tests resume copies of it."""
+    _interrupted = {}
+
+    def get(signame, epoch, batch):
+        key = (signame, epoch, batch)
+        if key not in _interrupted:
+            out = work / f"interrupted-{signame}-{epoch}-{batch}"
+            p = run_mnist(work, out, hook=dict(action=signame, at=at(epoch, batch)))
+            _interrupted[key] = (out, p)
+        return _interrupted[key]
+    return get
+
+
+def resumable_copy(source, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(source, out)
+    return out
+
+
+@pytest.mark.parametrize("signame, epoch, batch", [("SIGINT", 3, 2), ("SIGTERM", 2, N_BATCHES),
+                                                    ("SIGINT", 1, 1)])
+def test_signal_checkpoints_mid_epoch_and_resume_is_exact(work, reference, interrupted, tmp_path,
+                                                          signame, epoch, batch):
+    _, _, expected = reference(True)
+    source, p = interrupted(signame, epoch, batch)
+    signum = getattr(signal, signame)
+    assert p.returncode == 128 + signum, (p.returncode, p.stdout, p.stderr)
+    assert f"--resume={source}" in p.stdout, p.stdout
+    assert signame in p.stdout and f"epoch {epoch}" in p.stdout
+    assert f"Epoch {epoch} of" not in p.stdout
+    checkpoint = load(source / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["batch"]) == (epoch - 1, batch)  # a mid-epoch checkpoint
+    assert [r["epoch"] for r in metrics(source)] == list(range(1, epoch))
+    out = resumable_copy(source, tmp_path)
+    p = run_mnist(work, out, resume=True)
+    check_ok(p)
+    assert without_seconds(metrics(out)) == without_seconds(expected)
+
+
+def test_following_the_printed_resume_hint_continues_the_run(work, reference, interrupted, tmp_path):
+    """The hint says `python mnist.py --resume=DIR`, nothing else: the run's own hyperparameters
+    (saved in DIR) must be the ones used, not mnist.py's defaults."""
+    _, _, expected = reference(True)
+    source, p = interrupted("SIGINT", 3, 2)
+    hint = re.search(r"Resume with: python (\S+) (.*)$", p.stdout, re.M)
+    assert hint and Path(hint[1]).name == "mnist.py", p.stdout
+    out = resumable_copy(source, tmp_path)
+    args = [a.replace(str(source), str(out)) for a in hint[2].split()]
+    # cwd holds data/mnist (fake, failing the official checksums) so a resume that falls back to
+    # the defaults fails at once instead of trying to download MNIST.
+    p = subprocess.run([sys.executable, str(work / "runner.py"), str(REPO), str(REPO / "mnist.py"),
+                        *args], cwd=work, env=dict(os.environ, BC_TEST_HOOK=""),
+                       capture_output=True, text=True)
+    check_ok(p)
+    assert without_seconds(metrics(out)) == without_seconds(expected)
+
+
+def test_kill_between_checkpoint_write_and_rename(work, reference, tmp_path):
+    _, _, expected = reference(True)
+    out = tmp_path / "b"
+    p = run_mnist(work, out, hook=dict(action="kill_on_replace", at=3))  # epoch 3's last.pt
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert load(out / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    p = run_mnist(work, out, resume=True)
+    check_ok(p)
+    assert without_seconds(metrics(out)) == without_seconds(expected)
+    assert not list(out.glob("*.tmp"))
+
+
+# 2. Atomic checkpoints ---------------------------------------------------------------------------------
+
+def tiny_training_state(tmp_path):
+    import training
+    from binary_connect import make_optimizer
+    from models import mlp
+    np.random.seed(0)
+    model = mlp(num_units=8, n_hidden_layers=1, n_inputs=4)
+    optimizer = make_optimizer(model, 1e-3)
+    x, t = torch.randn(6, 4), torch.sign(torch.randn(6, 10))
+    torch.square(torch.clamp(1 - t * model(x), min=0)).mean().backward()
+    optimizer.step()
+    run = training.Run("mnist", dict(seed=0), tmp_path, torch.device("cpu"), resume=False)
+    state = dict(epoch=1, batch=0, LR=1e-3, best_val_err=50., best_epoch=1, test_err=40.,
+                 test_loss=0.5, history=[dict(epoch=1)], losses=None, order=np.arange(6))
+    return run, model, optimizer, state
+
+
+def test_atomic_write_keeps_old_file_when_rename_or_fsync_fails(tmp_path, monkeypatch):
+    import training
+    path = tmp_path / "last.pt"
+    training.atomic_write_bytes(path, b"old")
+    for name in ("replace", "fsync"):
+        def fail(*args, **kwargs):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        with monkeypatch.context() as m:
+            m.setattr(os, name, fail)
+            with pytest.raises(OSError):
+                training.atomic_write_bytes(path, b"new" * 1000)
+        assert path.read_bytes() == b"old"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+class _FullDisk:
+    """open() for a file named *.tmp, whose write stores half the data then fails with ENOSPC, as a
+    full disk would; or whose fsync fails (data buffered, then no room when flushed)."""
+
+    def __init__(self, monkeypatch, target, where):
+        self.real_open, self.target, self.where = io.open, target, where
+        monkeypatch.setattr("builtins.open", self.open)
+        monkeypatch.setattr(io, "open", self.open)
+        if where == "fsync":
+            real_fsync = os.fsync
+
+            def fsync(fd):
+                if os.readlink(f"/proc/self/fd/{fd}").endswith(self.target + ".tmp"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real_fsync(fd)
+            monkeypatch.setattr(os, "fsync", fsync)
+
+    def open(self, file, mode="r", *args, **kwargs):
+        f = self.real_open(file, mode, *args, **kwargs)
+        if self.where == "write" and str(file).endswith(self.target + ".tmp") and "w" in mode:
+            real_write = f.write
+
+            def write(data):
+                real_write(bytes(data)[:len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.write = write
+        return f
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, monkeypatch, where):
+    if where == "fsync" and not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to tell which file is fsynced")
+    import training
+    run, model, optimizer, state = tiny_training_state(tmp_path)
+    training._save_checkpoint(run, model, optimizer, state, best=True)
+    before = (tmp_path / "last.pt").read_bytes()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.)
+    state.update(epoch=2, history=[dict(epoch=1), dict(epoch=2)])
+    with monkeypatch.context() as m:
+        _FullDisk(m, "last.pt", where)
+        with pytest.raises(SystemExit) as e:
+            training._save_checkpoint(run, model, optimizer, state, best=True)
+    message = str(e.value.code)
+    assert os.strerror(errno.ENOSPC) in message and str(tmp_path) in message
+    assert f"--resume={tmp_path}" in message
+    assert (tmp_path / "last.pt").read_bytes() == before
+    checkpoint = load(tmp_path / "last.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["history"] == [dict(epoch=1)]
+    for k, v in weights.items():
+        assert torch.equal(checkpoint["model"][k], v)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_full_disk_on_best_checkpoint_does_not_advance_last(tmp_path, monkeypatch):
+    """If best.pt cannot be written, last.pt must still be the previous epoch's (as the message says),
+    so the resume redoes the epoch and writes best.pt; else best.pt would miss the best epoch."""
+    import training
+    run, model, optimizer, state = tiny_training_state(tmp_path)
+    training._save_checkpoint(run, model, optimizer, state, best=True)
+    state.update(epoch=2, best_epoch=2, history=[dict(epoch=1), dict(epoch=2)])
+    with monkeypatch.context() as m:
+        _FullDisk(m, "best.pt", "write")
+        with pytest.raises(SystemExit):
+            training._save_checkpoint(run, model, optimizer, state, best=True)
+    assert load(tmp_path / "best.pt")["epoch"] == 1
+    assert load(tmp_path / "last.pt")["epoch"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# 3. NaN --------------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_naming_epoch_and_batch(work, tmp_path):
+    out = tmp_path / "b"
+    p = run_mnist(work, out, hook=dict(action="nan", at=at(2, 3)))
+    assert p.returncode != 0
+    assert re.search(r"epoch 2\b.*batch 3\b", p.stderr), p.stderr
+    assert "nan" in p.stderr.lower()
+    assert "Epoch 2 of" not in p.stdout
+    checkpoint = load(out / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["batch"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    assert [r["epoch"] for r in metrics(out)] == [1]
+
+
+# 4. Unwritable out_dir -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["under_a_file", "is_a_file"])
+def test_unwritable_out_dir_stops_before_training(work, tmp_path, kind):
+    # Tests may run as root, for whom chmod does not forbid writing: use a regular file in the way.
+    (tmp_path / "afile").write_text("not a directory")
+    out = tmp_path / "afile" / "run" if kind == "under_a_file" else tmp_path / "afile"
+    p = run_mnist(work, out)
+    assert p.returncode != 0
+    assert str(out) in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "Loading MNIST" not in p.stdout and "Training..." not in p.stdout
+    assert (tmp_path / "afile").read_text() == "not a directory"
+
+
+# 5. metrics.jsonl agrees with the printed report ---------------------------------------------------------
+
+LABELS = [("LR:", "LR", ""), ("training loss:", "train_loss", ""), ("validation loss:", "val_loss", ""),
+          ("validation error rate:", "val_err", "%"), ("best epoch:", "best_epoch", ""),
+          ("best validation error rate:", "best_val_err", "%"), ("test loss:", "test_loss", ""),
+          ("test error rate:", "test_err", "%")]
+
+
+def py2_str(x):
+    """Python 2's str() of a float: 12 significant digits, '.0' kept on integral values (§5)."""
+    if isinstance(x, int):
+        return str(x)
+    s = "%.12g" % x
+    return s if any(c in s for c in ".en") else s + ".0"
+
+
+def parse_reports(text):
+    """The nine-line blocks of §5: 'Epoch e of n took Ts', then 8 lines of a 33-wide label and a value."""
+    lines = text.splitlines()
+    reports = []
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"Epoch (\d+) of (\d+) took (.+)s", line)
+        if m:
+            report = dict(epoch=int(m[1]), of=int(m[2]), seconds=m[3])
+            for (label, key, _), row in zip(LABELS, lines[i + 1:i + 9]):
+                assert row[:33] == ("  " + label).ljust(33), row
+                report[key] = row[33:]
+            reports.append(report)
+    return reports
+
+
+def check_report(report, row):
+    assert report["seconds"] == py2_str(row["seconds"])
+    for _, key, suffix in LABELS:
+        assert report[key] == py2_str(row[key]) + suffix, (key, report[key], row[key])
+
+
+def test_metrics_agree_with_printed_report(reference):
+    out, p, rows = reference(True)
+    for text in (p.stdout, (out / "log.txt").read_text()):
+        reports = parse_reports(text)
+        assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
+        assert all(r["of"] == 4 for r in reports)
+        for report, row in zip(reports, rows):
+            check_report(report, row)
+    # log.txt is the tee of stdout from start_run on, line for line.
+    log = (out / "log.txt").read_text()
+    assert "num_units = 32" in log and p.stdout.endswith(log)
+    # The LR schedule of §4.1: LR_start * LR_decay**(e-1), LR_decay = (LR_fin/LR_start)**(1/num_epochs).
+    decay = (0.000003 / .001) ** (1. / 4)
+    lr = .001
+    for row in rows:
+        assert row["LR"] == lr
+        lr *= decay
+
+
+# 6. hparams.json -----------------------------------------------------------------------------------------
+
+def script_defaults(path):
+    """The hyperparameters a script declares: its top-level `name = constant` assignments."""
+    defaults = {}
+    for node in ast.parse(Path(path).read_text()).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Constant)):
+            defaults[node.targets[0].id] = node.value.value
+    return defaults
+
+
+def test_hparams_json_records_everything(work, reference):
+    out, _, _ = reference(True)
+    record = json.loads((out / "hparams.json").read_text())
+    expected = script_defaults(REPO / "mnist.py")
+    expected.update(TINY, data_dir=str(work / "data" / "mnist"), out_dir=str(out))
+    assert record["hparams"] == expected
+    assert record["script"] == "mnist"
+    assert record["device"] == "cpu"
+    assert record["versions"]["python"] == platform.python_version()
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["versions"]["numpy"] == np.__version__
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert "git_commit" in record and "git_dirty" in record
+    if git.returncode == 0:
+        assert record["git_commit"] == git.stdout.strip()
+        assert isinstance(record["git_dirty"], bool)
+    else:
+        assert record["git_commit"] is None and record["git_dirty"] is None
+
+
+# 7. An existing run is not overwritten -------------------------------------------------------------------
+
+def test_existing_run_dir_without_resume_is_refused(work, reference, tmp_path):
+    source, _, _ = reference(True)
+    out = tmp_path / "existing"
+    shutil.copytree(source, out)
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    p = run_mnist(work, out)
+    assert p.returncode != 0
+    assert f"--resume={out}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == digests
+
+
+def test_resume_of_a_dir_without_checkpoint_is_refused(work, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    p = run_mnist(work, out, resume=True)
+    assert p.returncode != 0
+    assert str(out / "last.pt") in p.stderr and "Traceback" not in p.stderr

@@ -284,6 +284,10 @@ def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
     train_set = _Split(X_train, y_train, device)
     val_set = _Split(X_val, y_val, device)
     test_set = _Split(X_test, y_test, device)
+    for name, split in (("training", train_set), ("validation", val_set), ("test", test_set)):
+        if split.n < batch_size:  # it would have no full batch (§5 drops partial ones)
+            raise SystemExit(f"error: the {name} set has {split.n} examples, fewer than "
+                             f"batch_size={batch_size}")
     n_batches = train_set.n // batch_size
 
     state = dict(epoch=0, batch=0, LR=LR_start, best_val_err=100., best_epoch=1,

@@ -107,7 +107,7 @@ def test_missing_mnist_says_where_and_what(tmp_path):
 
 
 def test_cifar10_end_to_end(tmp_path):
-    write_fake_cifar10(tmp_path / "data", n_per_batch=24, n_test=60, as_tar=True)
+    write_fake_cifar10(tmp_path / "data", n_per_batch=40, n_test=60, as_tar=True)
     out = tmp_path / "run"
     proc = run_script("cifar10.py", f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False",
                       "--train_set_size=100", "--num_epochs=1", f"--out_dir={out}",
@@ -140,6 +140,15 @@ def test_svhn_preprocessing_then_svhn(tmp_path):
               and l != "W_LR_scale = Glorot"]
     np.testing.assert_allclose(scales, [20.050, 27.713, 33.941, 39.192, 48.0, 55.426, 58.424,
                                         36.950, 26.255], atol=1e-3)
+
+
+def test_batch_larger_than_a_split_is_refused(tmp_path):
+    write_fake_mnist(tmp_path / "data", n_train=120, n_test=30)
+    proc = run_script("mnist.py", f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False",
+                      "--train_set_size=100", "--num_units=8", "--batch_size=40",
+                      f"--out_dir={tmp_path / 'run'}", "--device=cpu", check=False)
+    assert proc.returncode != 0
+    assert "validation set has 20 examples, fewer than batch_size=40" in proc.stderr
 
 
 def test_svhn_without_preprocessing_says_what_to_run(tmp_path):

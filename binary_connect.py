@@ -92,7 +92,8 @@ class BinaryLayerMixin:
     @property
     def generator(self):
         """The layer's own random stream (§1.1), created lazily on the layer's device."""
-        if self._generator is None or self._generator.device != self.weight.device:
+        if self._generator is None or self._generator_device != self.weight.device:
+            self._generator_device = self.weight.device
             self._generator = torch.Generator(device=self.weight.device)
             self._generator.manual_seed(self.seed)
         return self._generator

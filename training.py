@@ -68,14 +68,15 @@ def str2(x):
 
 def _git_info():
     here = Path(__file__).resolve().parent
+    def git(*args):
+        p = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        return p.stdout.strip() if p.returncode == 0 else None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = git("rev-parse", "--verify", "HEAD")  # None outside a repo or before a commit
+        status = git("status", "--porcelain") if commit else None
     except (OSError, subprocess.SubprocessError):
         return None, None
-    return commit, (dirty if commit else None)
+    return commit, (None if status is None else bool(status))
 
 
 def _select_device(name):

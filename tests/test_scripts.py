@@ -63,6 +63,13 @@ def test_mnist_end_to_end(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     # the log holds the report as printed
     assert "Epoch 2 of 2 took" in (out / "log.txt").read_text()
+    record = json.loads((out / "hparams.json").read_text())
+    assert record["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", record["git_commit"])
+    # plot.py draws the run's curves and the first layer's weights
+    run_script("plot.py", str(out))
+    for png in ("curves.png", "weights_hist_run.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
 def test_config_file_then_overrides(tmp_path):

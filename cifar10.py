@@ -36,7 +36,7 @@ if __name__ == "__main__":
 
     import binary_connect
     import training
-    from bc_datasets import DatasetError, load_cifar10
+    from bc_datasets import load_cifar10
     from models import cnn
 
     run = training.start_run("cifar10", config)
@@ -44,11 +44,8 @@ if __name__ == "__main__":
     print("LR_decay = " + str(LR_decay))
 
     print('Loading CIFAR-10 dataset...')
-    try:
-        train_set, valid_set, test_set = load_cifar10(data_dir, train_set_size=train_set_size,
-                                                      verify_checksums=verify_checksums)
-    except DatasetError as e:  # missing or corrupt: the message says what to do
-        raise SystemExit(f"error: {e}")
+    train_set, valid_set, test_set = load_cifar10(data_dir, train_set_size=train_set_size,
+                                                  verify_checksums=verify_checksums)
 
     print('Building the CNN...')
     # 128C3-128C3-P2-256C3-256C3-P2-512C3-512C3-P2-1024FC-1024FC-10FC

@@ -43,7 +43,7 @@ if __name__ == "__main__":
 
     import binary_connect
     import training
-    from bc_datasets import DatasetError, load_mnist
+    from bc_datasets import load_mnist
     from models import mlp
 
     run = training.start_run("mnist", config)
@@ -51,11 +51,8 @@ if __name__ == "__main__":
     print("LR_decay = " + str(LR_decay))
 
     print('Loading MNIST dataset...')
-    try:
-        train_set, valid_set, test_set = load_mnist(data_dir, train_set_size=train_set_size,
-                                                    verify_checksums=verify_checksums)
-    except DatasetError as e:  # missing or corrupt: the message says what to do
-        raise SystemExit(f"error: {e}")
+    train_set, valid_set, test_set = load_mnist(data_dir, train_set_size=train_set_size,
+                                                verify_checksums=verify_checksums)
 
     print('Building the MLP...')
     model = mlp(num_units=num_units, n_hidden_layers=n_hidden_layers, dropout_in=dropout_in,

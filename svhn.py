@@ -34,7 +34,7 @@ if __name__ == "__main__":
 
     import binary_connect
     import training
-    from bc_datasets import DatasetError, load_svhn
+    from bc_datasets import load_svhn
     from models import cnn
 
     run = training.start_run("svhn", config)
@@ -42,10 +42,7 @@ if __name__ == "__main__":
     print("LR_decay = " + str(LR_decay))
 
     print('Loading SVHN dataset')
-    try:
-        train_set, valid_set, test_set = load_svhn(SVHN_LOCAL_PATH)
-    except DatasetError as e:  # missing or corrupt: the message says what to do
-        raise SystemExit(f"error: {e}")
+    train_set, valid_set, test_set = load_svhn(SVHN_LOCAL_PATH)
 
     print('Building the CNN...')
     # 64C3-64C3-P2-128C3-128C3-P2-256C3-256C3-P2-1024FC-1024FC-10FC: the paper's "half the

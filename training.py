@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bc_datasets import DatasetError
 from binary_connect import binary_layers, make_optimizer, set_learning_rate, squared_hinge_loss
 
 CHECKPOINT_VERSION = 1
@@ -120,6 +121,15 @@ def atomic_torch_save(obj, path):
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _report_user_errors(kind, value, traceback):
+    """A missing or corrupt dataset (bc_datasets.DatasetError) ends the script with its message,
+    which says what to do, rather than with a traceback."""
+    if issubclass(kind, DatasetError):
+        print(f"error: {value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, traceback)
+
+
 def start_run(script, config):
     """Seeds, device, run directory and log, then the original's start-up print of every
     hyperparameter. `config` must hold seed, device, out_dir and resume."""
@@ -162,6 +172,7 @@ def start_run(script, config):
     else:
         atomic_write_bytes(out / "hparams.json", (json.dumps(record, indent=1) + "\n").encode())
     sys.stdout = Tee(sys.stdout, out / "log.txt")
+    sys.excepthook = _report_user_errors
     if resume:
         print(f"Resuming the run in {out}")
     for key, value in config.items():

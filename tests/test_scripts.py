@@ -163,3 +163,4 @@ def test_svhn_without_preprocessing_says_what_to_run(tmp_path):
                       f"--out_dir={tmp_path / 'run'}", "--device=cpu", check=False)
     assert proc.returncode != 0
     assert "svhn_preprocessing.py" in proc.stderr and str(tmp_path / "none") in proc.stderr
+    assert "Traceback" not in proc.stderr

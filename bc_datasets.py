@@ -28,6 +28,7 @@ import numpy as np
 import scipy.io
 
 import preprocessing
+from atomic import atomic_write, fsync_dir
 
 
 class DatasetError(RuntimeError):
@@ -92,31 +93,22 @@ def _corrupt(path, got, expected) -> DatasetError:
 
 
 def download(url, dest, md5=None, timeout=60) -> Path:
-    """Download ``url`` to ``dest`` through ``dest.part`` (same directory), checking ``md5`` if given."""
+    """Download ``url`` to ``dest`` atomically (``atomic.atomic_write``), checking ``md5`` if given."""
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
     h = hashlib.md5()
     print(f"Downloading {url} -> {dest}", flush=True)
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "binaryconnect-reproduction"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as f:
+        with urllib.request.urlopen(request, timeout=timeout) as response, atomic_write(dest) as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 h.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+            if md5 is not None and h.hexdigest() != md5:  # raised inside: the partial file goes too
+                raise DatasetError(f"Checksum mismatch downloading {url} to {dest}: got MD5 "
+                                   f"{h.hexdigest()}, expected {md5}; the partial file was deleted")
     except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError and timeouts are OSErrors
-        part.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise DatasetError(f"Could not download {url}: {reason}") from e
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    if md5 is not None and h.hexdigest() != md5:
-        part.unlink(missing_ok=True)
-        raise DatasetError(f"Checksum mismatch downloading {url} to {dest}: got MD5 {h.hexdigest()}, "
-                           f"expected {md5}; the partial file was deleted")
-    os.replace(part, dest)
     return dest
 
 
@@ -345,14 +337,6 @@ def _gcn_zca(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return g_train, g_test
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_cache(entry: Path, arrays: dict, meta: dict):
     """Write the arrays as .npy files into a temporary directory, then rename it to ``entry``."""
     tmp = None
@@ -368,13 +352,13 @@ def _save_cache(entry: Path, arrays: dict, meta: dict):
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.replace(tmp, entry)
         except OSError:
             if not entry.is_dir():  # otherwise another process has just written the same cache
                 raise
-        _fsync_dir(entry.parent)
+        fsync_dir(entry.parent)
     except OSError as e:
         print(f"warning: could not write the cache {entry} ({e}); continuing without it", flush=True)
     finally:

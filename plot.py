@@ -7,7 +7,6 @@ weights_hist_<run>.png: Fig. 2 style histogram of one binary layer's real-valued
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # a tool for headless machines: never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+
+from atomic import atomic_write
 
 
 class RunError(Exception):
@@ -58,14 +59,8 @@ def variant(hparams):
 
 
 def _save(fig, out_path):
-    """Write the figure atomically (temporary name in the same directory, fsync, os.replace)."""
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(out_path) as f:
         fig.savefig(f, format="png", dpi=120)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
     plt.close(fig)
 
 

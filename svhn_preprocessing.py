@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import bc_datasets
+from atomic import atomic_write
 from configurator import configure
 from preprocessing import shuffle_order, split_train_valid, svhn_gcn_lcn
 
@@ -30,21 +31,21 @@ n_valid_extra = 200  # valid images per class taken from extra
 
 
 class AtomicNpyWriter:
-    """Writes a .npy file of known shape chunk by chunk, under a temporary name in the same
-    directory; on a clean exit (every row written) it flushes, fsyncs and renames it to `path`;
-    on an exception it deletes the temporary file. Rows go out with plain sequential writes rather
-    than through a memmap, so the written data never counts in the process's resident memory."""
+    """Writes a .npy file of known shape chunk by chunk through `atomic.atomic_write`; the file
+    appears under `path` only on a clean exit with every row written. Rows go out with plain
+    sequential writes rather than through a memmap, so the written data never counts in the
+    process's resident memory."""
 
     def __init__(self, path, shape, dtype=np.float32):
         self.path = os.fspath(path)
-        self.tmp_path = f"{self.path}.tmp{os.getpid()}"
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.rows = 0
-        self._file = None
+        self._atomic = self._file = None
 
     def __enter__(self):
-        self._file = open(self.tmp_path, "wb")
+        self._atomic = atomic_write(self.path)
+        self._file = self._atomic.__enter__()
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": self.shape}
         np.lib.format.write_array_header_1_0(self._file, header)
@@ -59,35 +60,11 @@ class AtomicNpyWriter:
         self.rows += len(chunk)
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                if self.rows != self.shape[0]:
-                    raise RuntimeError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                os.replace(self.tmp_path, self.path)
-                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-                return False
-        except BaseException:
-            self._discard()
-            raise
-        self._discard()
-        return False
-
-    def _discard(self):
-        self._file.close()
-        if os.path.exists(self.tmp_path):
-            os.remove(self.tmp_path)
-
-
-def _fsync_dir(directory):
-    # makes the rename itself durable
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if exc_type is None and self.rows != self.shape[0]:
+            short = RuntimeError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+            self._atomic.__exit__(RuntimeError, short, None)  # deletes the temporary file
+            raise short
+        return self._atomic.__exit__(exc_type, exc, tb)
 
 
 def one_hot(labels):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atomic import atomic_write
 from bc_datasets import DatasetError
 from binary_connect import binary_layers, make_optimizer, set_learning_rate, squared_hinge_loss
 
@@ -93,26 +94,8 @@ def _select_device(name):
 
 
 def atomic_write_bytes(path, data):
-    """Write to a temporary name, fsync, rename: a crash or a full disk leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj, path):

@@ -88,8 +88,8 @@ def md5sum(path) -> str:
 def _corrupt(path, got, expected) -> DatasetError:
     return DatasetError(
         f"corrupt: {path} has MD5 {got}, expected {expected}; delete it and rerun "
-        f"(it will be downloaded again), or pass verify_checksums=False if it is a subset or a mirror "
-        f"you trust")
+        f"(it will be downloaded again), or pass verify_checksums=False (--verify_checksums=False to "
+        f"the scripts) if it is a subset or a mirror you trust")
 
 
 def download(url, dest, md5=None, timeout=60) -> Path:

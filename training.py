@@ -324,12 +324,8 @@ def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
                     _check_finite(losses[:i + 1], epoch)
                     state.update(epoch=epoch - 1, batch=i + 1, losses=losses[:i + 1].cpu())
                     _save_checkpoint(run, model, optimizer, state)
-                    name = signal.Signals(interrupt.signum).name
-                    print(f"\n{name} received during epoch {epoch} (after batch {i + 1} of "
-                          f"{n_batches}); checkpoint written to {run.path('last.pt')}.\n"
-                          f"Resume with: python {run.script}.py --resume={run.out_dir}")
-                    sys.stdout.flush()
-                    raise SystemExit(128 + interrupt.signum)
+                    _stop(run, interrupt.signum, f"during epoch {epoch} (after batch {i + 1} "
+                                                 f"of {n_batches})")
             _check_finite(losses, epoch)
             train_loss = float(losses.double().sum()) / n_batches
             # ... and again after each epoch's training pass (a composed permutation, exactly
@@ -354,6 +350,8 @@ def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
             state.update(epoch=epoch, batch=0, losses=None, LR=LR * LR_decay)  # §4.1
             _save_checkpoint(run, model, optimizer, state, best=improved)
             log_metrics(run, state["history"])
+            if interrupt.signum is not None and epoch < num_epochs:  # it came during evaluation
+                _stop(run, interrupt.signum, f"at the end of epoch {epoch}")
     best = state["history"][-1] if state["history"] else None
     if best:
         print(f"Best validation error rate {str2(best['best_val_err'])}% at epoch "
@@ -371,6 +369,13 @@ def fit(model, train_set, valid_set, test_set, run, batch_size, LR_start, LR_dec
     print('Training...')
     return train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
                  X_train, y_train, X_val, y_val, X_test, y_test, run)
+
+
+def _stop(run, signum, where):
+    print(f"\n{signal.Signals(signum).name} received {where}; checkpoint written to "
+          f"{run.path('last.pt')}.\nResume with: python {run.script}.py --resume={run.out_dir}")
+    sys.stdout.flush()
+    raise SystemExit(128 + signum)
 
 
 def _check_finite(losses, epoch):

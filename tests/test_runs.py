@@ -40,6 +40,7 @@ N_TRAIN, N_TEST = 160, 60
 #   {"action": "SIGKILL"|"SIGINT"|"SIGTERM"|"nan", "at": k}: at the k-th training loss (counted over
 #       the whole process: epoch e, batch b is k = (e-1)*N_BATCHES + b), signal this process or make
 #       that loss NaN. Training losses are the ones computed with autograd on.
+#   with "phase": "eval", the signal comes at the first evaluation loss after the k-th training loss.
 #   {"action": "kill_on_replace", "at": k}: SIGKILL this process just before the k-th os.replace onto
 #       last.pt, i.e. between writing the temporary file and renaming it.
 RUNNER = r'''
@@ -63,7 +64,12 @@ if hook:
         real_loss = binary_connect.squared_hinge_loss
         def loss(output, target):
             value = real_loss(output, target)
-            if torch.is_grad_enabled():
+            if hook.get("phase") == "eval":  # the first evaluation loss after the at-th training loss
+                count[0] += torch.is_grad_enabled()
+                if count[0] == hook["at"] and not torch.is_grad_enabled():
+                    count[0] += 1
+                    os.kill(os.getpid(), getattr(signal, hook["action"]))
+            elif torch.is_grad_enabled():
                 count[0] += 1
                 if count[0] == hook["at"]:
                     if hook["action"] == "nan":
@@ -189,6 +195,20 @@ def test_signal_checkpoints_mid_epoch_and_resume_is_exact(work, reference, inter
     assert (checkpoint["epoch"], checkpoint["batch"]) == (epoch - 1, batch)  # a mid-epoch checkpoint
     assert [r["epoch"] for r in metrics(source)] == list(range(1, epoch))
     out = resumable_copy(source, tmp_path)
+    p = run_mnist(work, out, resume=True)
+    check_ok(p)
+    assert without_seconds(metrics(out)) == without_seconds(expected)
+
+
+def test_signal_during_evaluation_stops_after_the_epoch_checkpoint(work, reference, tmp_path):
+    _, _, expected = reference(True)
+    out = tmp_path / "b"
+    p = run_mnist(work, out, hook=dict(action="SIGTERM", at=at(2, N_BATCHES), phase="eval"))
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, p.stdout, p.stderr)
+    assert "SIGTERM received at the end of epoch 2" in p.stdout and f"--resume={out}" in p.stdout
+    assert "Epoch 3 of" not in p.stdout
+    checkpoint = load(out / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["batch"]) == (2, 0)
     p = run_mnist(work, out, resume=True)
     check_ok(p)
     assert without_seconds(metrics(out)) == without_seconds(expected)

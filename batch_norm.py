@@ -32,16 +32,16 @@ class BatchNormLayer(nn.Module):
         shape = [1, -1] + [1] * (x.dim() - 2)
         if self.training:
             mean = x.mean(dim=axes)
+            centred = x - mean.view(shape)
             # Theano's std: sqrt of the two-pass biased variance (ddof = 0).
-            std = torch.sqrt(torch.square(x - mean.view(shape)).mean(dim=axes))
+            std = torch.sqrt(torch.square(centred).mean(dim=axes))
             with torch.no_grad():
                 # A Theano default_update: only training passes move the running statistics.
                 self.mean.mul_(1. - self.alpha).add_(mean.detach(), alpha=self.alpha)
                 self.std.mul_(1. - self.alpha).add_(std.detach(), alpha=self.alpha)
         else:
-            mean, std = self.mean, self.std
-        y = (x - mean.view(shape)) * (self.gamma / (std + self.epsilon)).view(shape) \
-            + self.beta.view(shape)
+            centred, std = x - self.mean.view(shape), self.std
+        y = centred * (self.gamma / (std + self.epsilon)).view(shape) + self.beta.view(shape)
         return y if self.nonlinearity is None else self.nonlinearity(y)
 
     def extra_repr(self):

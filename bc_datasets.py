@@ -179,6 +179,15 @@ def fetch(data_dir, filename, md5, mirrors, verify_checksums=True, download=True
                      alternatives)[filename]
 
 
+def _split_train(X, y, train_set_size):
+    """The original's split of a training file: train = rows [0:train_set_size], valid = the rest."""
+    if not 0 < train_set_size <= len(X):
+        raise DatasetError(f"train_set_size must be in 1..{len(X)} for this training file, "
+                           f"got {train_set_size}")
+    n = train_set_size
+    return (X[:n], y[:n]), (X[n:], y[n:])
+
+
 def _one_hot(labels) -> np.ndarray:
     return np.eye(10, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
 
@@ -248,10 +257,7 @@ def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=T
                            what="MNIST", alternatives="(uncompressed copies without '.gz' work too)"))
     X, y = _mnist_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
     X_test, y_test = _mnist_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
-    if not 0 < train_set_size <= len(X):
-        raise ValueError(f"train_set_size must be in 1..{len(X)}, got {train_set_size}")
-    n = train_set_size
-    return (X[:n], y[:n]), (X[n:], y[n:]), (X_test, y_test)
+    return _split_train(X, y, train_set_size) + ((X_test, y_test),)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -409,11 +415,8 @@ def load_cifar10(data_dir, train_set_size=45000, verify_checksums=True, download
                   "test_X": X_test.reshape(-1, 3, 32, 32), "test_y": batches["test_batch"][1]}
         _save_cache(entry, arrays, meta)
 
-    X, y = arrays["train_X"], _one_hot(arrays["train_y"])
-    if not 0 < train_set_size <= len(X):
-        raise ValueError(f"train_set_size must be in 1..{len(X)}, got {train_set_size}")
-    n = train_set_size
-    return (X[:n], y[:n]), (X[n:], y[n:]), (arrays["test_X"], _one_hot(arrays["test_y"]))
+    return (_split_train(arrays["train_X"], _one_hot(arrays["train_y"]), train_set_size)
+            + ((arrays["test_X"], _one_hot(arrays["test_y"])),))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
     run = training.start_run("cifar10", config)
     LR_decay = binary_connect.lr_decay(LR_start, LR_fin, num_epochs)
-    print("LR_decay = " + str(LR_decay))
+    print("LR_decay = " + training.str2(LR_decay))
 
     print('Loading CIFAR-10 dataset...')
     train_set, valid_set, test_set = load_cifar10(data_dir, train_set_size=train_set_size,

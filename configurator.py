@@ -75,6 +75,11 @@ def _resume(config, explicit):
     for key, value in stored.items():
         if key in config and key not in explicit:
             config[key] = value
+    # A run directory may have been moved, but a resumed run writes where it is resumed from.
+    if "out_dir" in explicit and Path(explicit["out_dir"]).resolve() != run_dir.resolve():
+        raise ConfigError(f"--out_dir={explicit['out_dir']} and --resume={run_dir} name different "
+                          "directories; a resumed run continues in its own directory")
+    config["out_dir"] = str(run_dir)
 
 
 def configure(globals_dict, argv=None):

@@ -48,7 +48,7 @@ if __name__ == "__main__":
 
     run = training.start_run("mnist", config)
     LR_decay = binary_connect.lr_decay(LR_start, LR_fin, num_epochs)
-    print("LR_decay = " + str(LR_decay))
+    print("LR_decay = " + training.str2(LR_decay))
 
     print('Loading MNIST dataset...')
     train_set, valid_set, test_set = load_mnist(data_dir, train_set_size=train_set_size,

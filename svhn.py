@@ -39,7 +39,7 @@ if __name__ == "__main__":
 
     run = training.start_run("svhn", config)
     LR_decay = binary_connect.lr_decay(LR_start, LR_fin, num_epochs)
-    print("LR_decay = " + str(LR_decay))
+    print("LR_decay = " + training.str2(LR_decay))
 
     print('Loading SVHN dataset')
     train_set, valid_set, test_set = load_svhn(SVHN_LOCAL_PATH)

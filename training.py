@@ -27,9 +27,9 @@ CHECKPOINT_VERSION = 1
 class Tee(io.TextIOBase):
     """The original printed its report; we also keep it, line for line, in log.txt."""
 
-    def __init__(self, stream, path):
+    def __init__(self, stream, path, mode="a"):
         self.stream = stream
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, mode, buffering=1)
 
     def write(self, text):
         self.stream.write(text)
@@ -99,9 +99,8 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_torch_save(obj, path):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _report_user_errors(kind, value, traceback):
@@ -116,6 +115,9 @@ def _report_user_errors(kind, value, traceback):
 def start_run(script, config):
     """Seeds, device, run directory and log, then the original's start-up print of every
     hyperparameter. `config` must hold seed, device, out_dir and resume."""
+    for key in ("batch_size", "num_epochs", "LR_start", "LR_fin"):
+        if key in config and not config[key] > 0:
+            raise SystemExit(f"error: {key}={config[key]}: must be positive")
     resume = config.get("resume", "")
     out_dir = resume or config.get("out_dir") or os.path.join(
         "runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -125,9 +127,6 @@ def start_run(script, config):
     if not resume and (out / "last.pt").exists():
         raise SystemExit(f"error: {out} already holds a run; continue it with --resume={out} "
                          "or choose another --out_dir")
-    if not resume and (out / "hparams.json").exists():
-        raise SystemExit(f"error: {out} holds a run that stopped before its first checkpoint; "
-                         "delete it or choose another --out_dir")
     try:  # fail before any training if the records cannot be written
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / ".write_test", b"")
@@ -154,7 +153,9 @@ def start_run(script, config):
             f.write(json.dumps(record) + "\n")
     else:
         atomic_write_bytes(out / "hparams.json", (json.dumps(record, indent=1) + "\n").encode())
-    sys.stdout = Tee(sys.stdout, out / "log.txt")
+    # A fresh start in a directory with no checkpoint (a run that failed before its first
+    # epoch) rewrites its log; a resumed run appends to it.
+    sys.stdout = Tee(sys.stdout, out / "log.txt", mode="a" if resume else "w")
     sys.excepthook = _report_user_errors
     if resume:
         print(f"Resuming the run in {out}")
@@ -171,7 +172,7 @@ class _Split:
         self.n = len(X)
         self.device = device
         on_disk = isinstance(X, np.memmap) or isinstance(getattr(X, "base", None), np.memmap)
-        fits = device.type == "cpu" or X.nbytes < 0.6 * torch.cuda.mem_get_info(device)[0]
+        fits = device.type != "cuda" or X.nbytes < 0.6 * torch.cuda.mem_get_info(device)[0]
         if (on_disk and device.type == "cpu") or not fits:
             self.X = X
         elif device.type == "cpu":
@@ -186,8 +187,8 @@ class _Split:
 
     def rows(self, start, stop):
         x = self.X[start:stop]
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        if isinstance(x, np.ndarray):  # a copy: memory-mapped rows are read-only
+            x = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.device)
         return x, self.y[start:stop]
 
     def gather(self, idx, idx_dev):
@@ -251,17 +252,18 @@ class _Interrupt:
             signal.signal(s, h)
 
 
-def _rng_states(model):
+def _rng_states(model, device):
+    # The run's own GPU only: a resume on a machine with fewer GPUs must still work.
     return dict(numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 layers=[m.generator.get_state() for m in binary_layers(model)])
 
 
-def _set_rng_states(model, states):
+def _set_rng_states(model, states, device):
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
     for m, s in zip(binary_layers(model), states["layers"]):
         try:
             m.generator.set_state(s)
@@ -289,7 +291,7 @@ def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
                  test_err=None, test_loss=None, history=[], losses=None,
                  order=np.arange(train_set.n))
     if run.resume:
-        state = _load_checkpoint(run, model, optimizer)
+        state = _load_checkpoint(run, model, optimizer, train_set.n)
     else:
         # §5: the train set is shuffled once before epoch 1 ...
         np.random.shuffle(state["order"])
@@ -395,7 +397,7 @@ def log_metrics(run, history):
 
 def _save_checkpoint(run, model, optimizer, state, best=False):
     checkpoint = dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
-                      optimizer=optimizer.state_dict(), rng=_rng_states(model),
+                      optimizer=optimizer.state_dict(), rng=_rng_states(model, run.device),
                       hparams=run.config, **state)
     try:
         # best.pt first: if it fails, last.pt still holds the previous epoch, which a resume
@@ -411,15 +413,21 @@ def _save_checkpoint(run, model, optimizer, state, best=False):
                          f"then resume with: python {run.script}.py --resume={run.out_dir}")
 
 
-def _load_checkpoint(run, model, optimizer):
+def _load_checkpoint(run, model, optimizer, n_train):
     path = run.path("last.pt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise SystemExit(f"error: {path} is a version {checkpoint.get('version')} checkpoint; "
+                         f"this code reads version {CHECKPOINT_VERSION}")
+    if len(checkpoint["order"]) != n_train:  # the shuffle order indexes the training set
+        raise SystemExit(f"error: {path} was trained on {len(checkpoint['order'])} training "
+                         f"examples, but the data now gives {n_train}: resume with the same data")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    _set_rng_states(model, checkpoint["rng"])
+    _set_rng_states(model, checkpoint["rng"], run.device)
     state = {k: checkpoint[k] for k in ("epoch", "batch", "LR", "best_val_err", "best_epoch",
                                          "test_err", "test_loss", "history", "losses", "order")}
     print(f"Resumed from {path}: epoch {state['epoch']} done"

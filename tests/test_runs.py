@@ -96,7 +96,7 @@ def work(tmp_path_factory):
 
 
 def run_mnist(work, out, hook=None, resume=False, **overrides):
-    config = dict(TINY, data_dir=str(work / "data" / "mnist"), out_dir=str(out), **overrides)
+    config = {**TINY, "data_dir": str(work / "data" / "mnist"), "out_dir": str(out), **overrides}
     args = [f"--{k}={v}" for k, v in config.items()]
     if resume:
         args.append(f"--resume={out}")
@@ -489,3 +489,36 @@ def test_resume_of_a_dir_without_checkpoint_is_refused(work, tmp_path):
     p = run_mnist(work, out, resume=True)
     assert p.returncode != 0
     assert str(out / "last.pt") in p.stderr and "Traceback" not in p.stderr
+
+
+# 4. Resume guards and reuse of a directory without a checkpoint --------------------------------------
+
+def test_resume_into_another_out_dir_is_refused(work, reference, tmp_path):
+    source, _, _ = reference(True)
+    p = run_mnist(work, source, resume=True, out_dir=str(tmp_path / "elsewhere"))
+    assert p.returncode != 0
+    assert "--out_dir" in p.stderr and "different directories" in p.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_resume_with_another_training_set_is_refused(work, reference, tmp_path):
+    """A resumed run must see the same training set: its checkpointed shuffle order indexes it."""
+    import training
+    source, _, _ = reference(True)
+    run = training.Run("mnist", dict(TINY), source, torch.device("cpu"), resume=True)
+    run_, model, optimizer, _ = tiny_training_state(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        training._load_checkpoint(run, model, optimizer, n_train=90)
+    assert "100 training examples" in str(e.value.code) and "90" in str(e.value.code)
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_can_be_rerun(work, reference, tmp_path):
+    _, _, expected = reference(True)
+    out = tmp_path / "b"
+    p = run_mnist(work, out, data_dir=str(tmp_path / "no-data"))  # no MNIST there: stops early
+    assert p.returncode != 0 and "t10k-images-idx3-ubyte.gz" in p.stderr
+    assert (out / "hparams.json").exists() and not (out / "last.pt").exists()
+    p = run_mnist(work, out)
+    check_ok(p)
+    assert without_seconds(metrics(out)) == without_seconds(expected)
+    assert (out / "log.txt").read_text().count("Loading MNIST dataset...") == 1

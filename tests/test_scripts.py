@@ -91,6 +91,8 @@ def test_config_file_then_overrides(tmp_path):
     ("--LR_start=fast", ["LR_start", "float"]),
     ("--num_unit=10", ["num_unit", "valid names", "num_units", "LR_start"]),
     ("--num_units", ["--num_units=value"]),
+    ("--batch_size=0", ["batch_size=0", "positive"]),
+    ("--num_epochs=-1", ["num_epochs=-1", "positive"]),
 ])
 def test_bad_override_is_named(tmp_path, arg, words):
     proc = run_script("mnist.py", arg, f"--out_dir={tmp_path / 'run'}", check=False)
@@ -99,6 +101,15 @@ def test_bad_override_is_named(tmp_path, arg, words):
         assert word in proc.stderr, (word, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_train_set_size_beyond_the_file_is_named(tmp_path):
+    write_fake_mnist(tmp_path / "data", n_train=120, n_test=30)
+    proc = run_script("mnist.py", f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False",
+                      "--train_set_size=500", f"--out_dir={tmp_path / 'run'}", "--device=cpu",
+                      check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "train_set_size must be in 1..120" in proc.stderr and "500" in proc.stderr
 
 
 def test_missing_mnist_says_where_and_what(tmp_path):

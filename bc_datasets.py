@@ -188,7 +188,8 @@ def _split_train(X, y, train_set_size):
     return (X[:n], y[:n]), (X[n:], y[n:])
 
 
-def _one_hot(labels) -> np.ndarray:
+def one_hot(labels) -> np.ndarray:
+    """Class indices 0..9 -> float32 (N, 10) one-hot rows, as the scripts' np.eye(10)[y]."""
     return np.eye(10, dtype=np.float32)[np.asarray(labels, dtype=np.int64)]
 
 
@@ -236,7 +237,7 @@ def _mnist_split(images_path, labels_path):
     # that was read (before any start/stop slicing). The mean is accumulated in float64 for accuracy.
     X = images.astype(np.float32) / np.float32(255)
     X -= X.mean(axis=0, dtype=np.float64).astype(np.float32)
-    return X.reshape(-1, 1, 28, 28), _one_hot(labels)
+    return X.reshape(-1, 1, 28, 28), one_hot(labels)
 
 
 def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=True, mirrors=None):
@@ -415,8 +416,8 @@ def load_cifar10(data_dir, train_set_size=45000, verify_checksums=True, download
                   "test_X": X_test.reshape(-1, 3, 32, 32), "test_y": batches["test_batch"][1]}
         _save_cache(entry, arrays, meta)
 
-    return (_split_train(arrays["train_X"], _one_hot(arrays["train_y"]), train_set_size)
-            + ((arrays["test_X"], _one_hot(arrays["test_y"])),))
+    return (_split_train(arrays["train_X"], one_hot(arrays["train_y"]), train_set_size)
+            + ((arrays["test_X"], one_hot(arrays["test_y"])),))
 
 
 # ---------------------------------------------------------------------------------------------------------

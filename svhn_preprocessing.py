@@ -72,9 +72,7 @@ def one_hot(labels):
     labels = np.asarray(labels).ravel().astype(np.int64)
     if labels.size and (labels.min() < 1 or labels.max() > 10):
         raise ValueError(f"SVHN labels must be 1..10, found {labels.min()}..{labels.max()}")
-    y = np.zeros((len(labels), 10), dtype=np.float32)
-    y[np.arange(len(labels)), labels - 1] = 1.
-    return y
+    return bc_datasets.one_hot(labels - 1)
 
 
 def gather_images(sources, src, idx):

@@ -71,7 +71,7 @@ def _resume(config, explicit):
                  if k in stored and k not in RESUME_MAY_CHANGE and explicit[k] != stored[k]]
     if conflicts:
         raise ConfigError("a resumed run keeps its hyperparameters; drop " + ", ".join(conflicts)
-                          + f", or start a new run without --resume")
+                          + ", or start a new run without --resume")
     for key, value in stored.items():
         if key in config and key not in explicit:
             config[key] = value

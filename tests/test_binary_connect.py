@@ -406,7 +406,6 @@ def test_adam_is_lasagnes_form_with_scale_and_clip():
     opt = bc.Adam([dict(params=[p], W_LR_scale=scale, H=H), dict(params=[q])], LR=LR)
     ref = NpAdam()
     P, Q = theta0.copy(), theta0.copy()
-    torch_form = theta0.copy()
     for t, g in enumerate(grads, 1):
         p.grad = torch.tensor(g)
         q.grad = torch.tensor(g)

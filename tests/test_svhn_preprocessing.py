@@ -125,7 +125,7 @@ def test_chunk_size_does_not_change_the_files(runs):
 
 def test_all_channels_option(runs):
     raw, out = runs
-    X, y = np.load(out["all_channels"][0] / "test_X.npy"), np.load(out["all_channels"][0] / "test_y.npy")
+    X = np.load(out["all_channels"][0] / "test_X.npy")
     order = pp.shuffle_order(N_TEST)
     want = pp.lecun_lcn(pp.global_contrast_normalize(
         as_images(raw["test"][0]).reshape(N_TEST, -1)).reshape(-1, 3, 32, 32), channels=(0, 1, 2))

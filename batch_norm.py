@@ -16,8 +16,11 @@ class BatchNormLayer(nn.Module):
     the layer, as in the original (ReLU for hidden layers, identity for the output).
     """
 
-    def __init__(self, num_features, epsilon=1e-4, alpha=0.1, nonlinearity=None):
+    def __init__(self, num_features, epsilon=1e-4, alpha=0.1, nonlinearity=None, form="std"):
         super().__init__()
+        if form != "std":
+            raise ValueError(f"form={form!r}: not implemented yet")
+        self.form = form
         self.num_features = num_features
         self.epsilon = epsilon
         self.alpha = alpha

@@ -65,7 +65,7 @@ def _number(name, value):
 class BinaryLayerMixin:
     """What the original's binary DenseLayer and Conv2DLayer share: H, W_LR_scale, init, Wb."""
 
-    def _setup_binary(self, binary, stochastic, H, W_LR_scale, fan_in, fan_out, rng):
+    def _setup_binary(self, binary, stochastic, H, W_LR_scale, fan_in, fan_out, rng, init_range):
         self.binary = binary
         self.stochastic = stochastic
         coefficient = glorot_coefficient(fan_in, fan_out)
@@ -80,8 +80,10 @@ class BinaryLayerMixin:
         self._generator = None
         with torch.no_grad():
             if binary:
-                # §1.4: U(-H, H) for every binary layer, drawn in Lasagne's W shape.
-                W = rng.uniform(-self.H, self.H, size=self._lasagne_shape())
+                # §1.4: U(-H, H) for every binary layer, drawn in Lasagne's W shape (§9's
+                # code drew U(-2H, 2H): init_range=2).
+                W = rng.uniform(-init_range * self.H, init_range * self.H,
+                                size=self._lasagne_shape())
             else:
                 bound = math.sqrt(6. / (fan_in + fan_out))  # Lasagne's GlorotUniform
                 W = rng.uniform(-bound, bound, size=self._lasagne_shape())
@@ -116,9 +118,10 @@ class DenseLayer(BinaryLayerMixin, nn.Linear):
     """The original's binary_connect.DenseLayer with an identity nonlinearity (BN follows)."""
 
     def __init__(self, in_features, out_features, bias=True, binary=True, stochastic=True,
-                 H=1., W_LR_scale="Glorot", rng=None, device=None, dtype=None):
+                 H=1., W_LR_scale="Glorot", rng=None, device=None, dtype=None, init_range=1.):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup_binary(binary, stochastic, H, W_LR_scale, in_features, out_features, rng)
+        self._setup_binary(binary, stochastic, H, W_LR_scale, in_features, out_features, rng,
+                           init_range)
 
     def _lasagne_shape(self):
         return (self.in_features, self.out_features)  # Lasagne's W is (n_in, n_out)
@@ -136,13 +139,13 @@ class Conv2DLayer(BinaryLayerMixin, nn.Conv2d):
 
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=True,
                  binary=True, stochastic=True, H=1., W_LR_scale="Glorot", rng=None, device=None,
-                 dtype=None):
+                 dtype=None, init_range=1.):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          bias=bias, device=device, dtype=dtype)
         k = self.kernel_size[0] * self.kernel_size[1]
         # §1.2: fan_in = k*k*C_in, "fan_out" = k*k*C_out (the pool size is not divided out).
         self._setup_binary(binary, stochastic, H, W_LR_scale, k * in_channels, k * out_channels,
-                           rng)
+                           rng, init_range)
 
     def _lasagne_shape(self):
         return tuple(self.weight.shape)  # (C_out, C_in, k, k) in both frameworks

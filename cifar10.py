@@ -1,11 +1,13 @@
-"""BinaryConnect on CIFAR-10: the lasagne branch's cifar10.py (§4.3 of ../shared/SPEC.md), on data
-preprocessed like pylearn2's pylearn2_gcn_whitened (GCN then ZCA, §6.2). Edit the values below or
-override any of them: `python cifar10.py --stochastic=False`."""
+"""BinaryConnect on CIFAR-10: the lasagne branch's cifar10.py (docs/original.md §4.3), on data
+preprocessed like pylearn2's pylearn2_gcn_whitened (GCN then ZCA, §6.2).
+
+Edit the values below, or override any of them: `python cifar10.py --stochastic=False`.
+"""
 
 # BN parameters
 batch_size = 50
 alpha = .1  # exponential moving average factor of the BN statistics
-epsilon = 1e-4
+epsilon = 1e-4  # added to the batch's std (not to the variance) in BN
 
 # Training parameters
 num_epochs = 500
@@ -27,30 +29,36 @@ data_dir = "data/cifar10"  # cifar-10-python.tar.gz or cifar-10-batches-py/; dow
 verify_checksums = True  # False accepts subsets and mirrors of the official files
 seed = 1234
 device = "auto"  # cuda when available, else cpu
+compile = "auto"  # "auto": on for CUDA, on the CPU for the paper's network sizes; "true"; "false"
+precision = "fp32"  # "fp32": the original's float32 (TF32 off); "tf32"; "bf16" (autocast products)
 out_dir = ""  # default: runs/cifar10-<timestamp>
 resume = ""  # a run directory to continue
+
+
+def load_data(c):
+    from bc_datasets import load_cifar10
+    return load_cifar10(c["data_dir"], train_set_size=c["train_set_size"],
+                        verify_checksums=c["verify_checksums"])
+
+
+def build_model(c):
+    from models import cnn
+    # 128C3-128C3-P2-256C3-256C3-P2-512C3-512C3-P2-1024FC-1024FC-10FC
+    return cnn(widths=(128, 256, 512), fc_units=1024, binary=c["binary"],
+               stochastic=c["stochastic"], H=c["H"], W_LR_scale=c["W_LR_scale"],
+               epsilon=c["epsilon"], alpha=c["alpha"])
+
 
 if __name__ == "__main__":
     from configurator import configure
     config = configure(globals())
 
-    import binary_connect
     import training
-    from bc_datasets import load_cifar10
-    from models import cnn
+    with training.start_run("cifar10", config) as run:
+        print('Loading CIFAR-10 dataset...')
+        data = load_data(config)
 
-    run = training.start_run("cifar10", config)
-    LR_decay = binary_connect.lr_decay(LR_start, LR_fin, num_epochs)
-    print("LR_decay = " + training.str2(LR_decay))
+        print('Building the CNN...')
+        model = build_model(config)
 
-    print('Loading CIFAR-10 dataset...')
-    train_set, valid_set, test_set = load_cifar10(data_dir, train_set_size=train_set_size,
-                                                  verify_checksums=verify_checksums)
-
-    print('Building the CNN...')
-    # 128C3-128C3-P2-256C3-256C3-P2-512C3-512C3-P2-1024FC-1024FC-10FC
-    model = cnn(widths=(128, 256, 512), fc_units=1024, binary=binary, stochastic=stochastic,
-                H=H, W_LR_scale=W_LR_scale, epsilon=epsilon, alpha=alpha)
-
-    training.fit(model, train_set, valid_set, test_set, run,
-                 batch_size, LR_start, LR_decay, num_epochs)
+        training.fit(model, data, run)

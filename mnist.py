@@ -1,11 +1,15 @@
-"""BinaryConnect on permutation-invariant MNIST: the lasagne branch's mnist.py (§4.2 of
-../shared/SPEC.md; not the paper's own MNIST experiment, see README). `python mnist.py --help`-free:
-edit the values below, or override any of them: `python mnist.py --stochastic=False`."""
+"""BinaryConnect on permutation-invariant MNIST: the lasagne branch's mnist.py (docs/original.md §4.2).
+
+This is the original repository's MNIST script (3x2048 MLP, Adam, batch 100, 250 epochs), not the
+paper's own MNIST experiment (3x1024, SGD, batch 200, 1000 epochs): config/mnist_paper_*.py sets
+that one up (docs/original.md §9). Edit the values below, or override any of them:
+`python mnist.py --stochastic=False`, `python mnist.py my_config.py --num_epochs=10`.
+"""
 
 # BN parameters
 batch_size = 100
 alpha = .15  # exponential moving average factor of the BN statistics
-epsilon = 1e-4
+epsilon = 1e-4  # added to the batch's std (not to the variance) in BN
 
 # MLP parameters
 num_units = 2048
@@ -28,36 +32,51 @@ W_LR_scale = "Glorot"  # "Glorot": the inverse Glorot coefficient of each layer 
 LR_start = .001
 LR_fin = 0.000003
 
+# The paper's own MNIST protocol (§9) needs these; the defaults are the lasagne branch's
+optimizer = "adam"  # "adam": Lasagne's Adam (§2.2); "sgd": plain SGD, no momentum (§9)
+init_range = 1.  # binary W ~ U(-init_range*H, init_range*H) (§1.4); §9 used 2
+bn_form = "std"  # "std": (x-mean)/(std+epsilon) (§3); "var": (x-mean)/sqrt(var+epsilon) (§9)
+bn_stats = "ema"  # "ema": running averages with alpha (§3); "recompute": §9's averages over train+valid
+loss_reduction = "mean"  # "mean": over the batch and the 10 outputs (§4.1); "sum_classes" (§9)
+monitor_step = 1  # epochs between evaluations (and reshuffles); §9 used 2
+
 # This project's additions
 data_dir = "data/mnist"  # the four official idx files; downloaded there when missing
 train_set_size = 50000  # the rest of the training file is the validation set
 verify_checksums = True  # False accepts subsets and mirrors of the official files
 seed = 1234
 device = "auto"  # cuda when available, else cpu
+compile = "auto"  # "auto": on for CUDA, on the CPU for the paper's network sizes; "true"; "false"
+precision = "fp32"  # "fp32": the original's float32 (TF32 off); "tf32"; "bf16" (autocast products)
 out_dir = ""  # default: runs/mnist-<timestamp>
 resume = ""  # a run directory to continue
+
+
+def load_data(c):
+    from bc_datasets import load_mnist
+    return load_mnist(c["data_dir"], train_set_size=c["train_set_size"],
+                      verify_checksums=c["verify_checksums"])
+
+
+def build_model(c):
+    from models import mlp
+    return mlp(num_units=c["num_units"], n_hidden_layers=c["n_hidden_layers"],
+               dropout_in=c["dropout_in"], dropout_hidden=c["dropout_hidden"], binary=c["binary"],
+               stochastic=c["stochastic"], H=c["H"], W_LR_scale=c["W_LR_scale"],
+               epsilon=c["epsilon"], alpha=c["alpha"], init_range=c["init_range"],
+               bn_form=c["bn_form"])
+
 
 if __name__ == "__main__":
     from configurator import configure
     config = configure(globals())
 
-    import binary_connect
     import training
-    from bc_datasets import load_mnist
-    from models import mlp
+    with training.start_run("mnist", config) as run:
+        print('Loading MNIST dataset...')
+        data = load_data(config)
 
-    run = training.start_run("mnist", config)
-    LR_decay = binary_connect.lr_decay(LR_start, LR_fin, num_epochs)
-    print("LR_decay = " + training.str2(LR_decay))
+        print('Building the MLP...')
+        model = build_model(config)
 
-    print('Loading MNIST dataset...')
-    train_set, valid_set, test_set = load_mnist(data_dir, train_set_size=train_set_size,
-                                                verify_checksums=verify_checksums)
-
-    print('Building the MLP...')
-    model = mlp(num_units=num_units, n_hidden_layers=n_hidden_layers, dropout_in=dropout_in,
-                dropout_hidden=dropout_hidden, binary=binary, stochastic=stochastic, H=H,
-                W_LR_scale=W_LR_scale, epsilon=epsilon, alpha=alpha)
-
-    training.fit(model, train_set, valid_set, test_set, run,
-                 batch_size, LR_start, LR_decay, num_epochs)
+        training.fit(model, data, run)

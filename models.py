@@ -21,19 +21,20 @@ class Dropout(nn.Dropout):
 
 def mlp(num_units=2048, n_hidden_layers=3, dropout_in=0., dropout_hidden=0., binary=True,
         stochastic=True, H=1., W_LR_scale="Glorot", epsilon=1e-4, alpha=0.15, n_inputs=784,
-        n_outputs=10):
+        n_outputs=10, init_range=1., bn_form="std"):
     """§4.2: input dropout, then n_hidden_layers x (Dense -> BN(ReLU) -> dropout), then
-    Dense(10) -> BN(identity)."""
-    bc = dict(binary=binary, stochastic=stochastic, H=H, W_LR_scale=W_LR_scale)
+    Dense(10) -> BN(identity). init_range and bn_form serve the paper's own MNIST code (§9)."""
+    bc = dict(binary=binary, stochastic=stochastic, H=H, W_LR_scale=W_LR_scale,
+              init_range=init_range)
+    bn = dict(epsilon=epsilon, alpha=alpha, form=bn_form)
     layers = [Dropout(dropout_in)]
     n_in = n_inputs
     for _ in range(n_hidden_layers):
         layers += [DenseLayer(n_in, num_units, **bc),
-                   BatchNormLayer(num_units, epsilon=epsilon, alpha=alpha, nonlinearity=F.relu),
+                   BatchNormLayer(num_units, nonlinearity=F.relu, **bn),
                    Dropout(dropout_hidden)]
         n_in = num_units
-    layers += [DenseLayer(n_in, n_outputs, **bc),
-               BatchNormLayer(n_outputs, epsilon=epsilon, alpha=alpha)]
+    layers += [DenseLayer(n_in, n_outputs, **bc), BatchNormLayer(n_outputs, **bn)]
     return nn.Sequential(*layers)
 
 

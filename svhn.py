@@ -1,12 +1,14 @@
-"""BinaryConnect on SVHN: the lasagne branch's svhn.py (§4.4 of ../shared/SPEC.md). Run
-`python svhn_preprocessing.py` first: it writes the GCN + LCN sets (§6.3) this script reads.
-Edit the values below or override any of them: `python svhn.py --stochastic=False`."""
+"""BinaryConnect on SVHN: the lasagne branch's svhn.py (docs/original.md §4.4).
+
+Run `python svhn_preprocessing.py` first: it writes the GCN + LCN sets (§6.3) this script reads.
+Edit the values below, or override any of them: `python svhn.py --stochastic=False`.
+"""
 import os
 
 # BN parameters
 batch_size = 50
 alpha = .1  # exponential moving average factor of the BN statistics
-epsilon = 1e-4
+epsilon = 1e-4  # added to the batch's std (not to the variance) in BN
 
 # Training parameters
 num_epochs = 200
@@ -22,33 +24,39 @@ LR_start = 0.01
 LR_fin = 0.000003
 
 # This project's additions
-SVHN_LOCAL_PATH = os.environ.get("SVHN_LOCAL_PATH", "data/svhn/preprocessed")
+SVHN_LOCAL_PATH = os.environ.get("SVHN_LOCAL_PATH", "data/svhn/preprocessed")  # svhn_preprocessing.py's output
 seed = 1234
 device = "auto"  # cuda when available, else cpu
+compile = "auto"  # "auto": on for CUDA, on the CPU for the paper's network sizes; "true"; "false"
+precision = "fp32"  # "fp32": the original's float32 (TF32 off); "tf32"; "bf16" (autocast products)
 out_dir = ""  # default: runs/svhn-<timestamp>
 resume = ""  # a run directory to continue
+
+
+def load_data(c):
+    from bc_datasets import load_svhn
+    return load_svhn(c["SVHN_LOCAL_PATH"])
+
+
+def build_model(c):
+    from models import cnn
+    # 64C3-64C3-P2-128C3-128C3-P2-256C3-256C3-P2-1024FC-1024FC-10FC: the paper's "half the
+    # hidden units" halved only the conv layers in the code (§4.4).
+    return cnn(widths=(64, 128, 256), fc_units=1024, binary=c["binary"],
+               stochastic=c["stochastic"], H=c["H"], W_LR_scale=c["W_LR_scale"],
+               epsilon=c["epsilon"], alpha=c["alpha"])
+
 
 if __name__ == "__main__":
     from configurator import configure
     config = configure(globals())
 
-    import binary_connect
     import training
-    from bc_datasets import load_svhn
-    from models import cnn
+    with training.start_run("svhn", config) as run:
+        print('Loading SVHN dataset')
+        data = load_data(config)
 
-    run = training.start_run("svhn", config)
-    LR_decay = binary_connect.lr_decay(LR_start, LR_fin, num_epochs)
-    print("LR_decay = " + training.str2(LR_decay))
+        print('Building the CNN...')
+        model = build_model(config)
 
-    print('Loading SVHN dataset')
-    train_set, valid_set, test_set = load_svhn(SVHN_LOCAL_PATH)
-
-    print('Building the CNN...')
-    # 64C3-64C3-P2-128C3-128C3-P2-256C3-256C3-P2-1024FC-1024FC-10FC: the paper's "half the
-    # hidden units" halved only the conv layers in the code (§4.4).
-    model = cnn(widths=(64, 128, 256), fc_units=1024, binary=binary, stochastic=stochastic,
-                H=H, W_LR_scale=W_LR_scale, epsilon=epsilon, alpha=alpha)
-
-    training.fit(model, train_set, valid_set, test_set, run,
-                 batch_size, LR_start, LR_decay, num_epochs)
+        training.fit(model, data, run)

@@ -19,7 +19,8 @@ import torch
 
 from atomic import atomic_write
 from bc_datasets import DatasetError
-from binary_connect import binary_layers, make_optimizer, set_learning_rate, squared_hinge_loss
+from binary_connect import (binary_layers, lr_decay, make_optimizer, set_learning_rate,
+                            squared_hinge_loss)
 
 CHECKPOINT_VERSION = 1
 
@@ -45,7 +46,9 @@ class Tee(io.TextIOBase):
 
 
 class Run:
-    """Where a run keeps its records: hparams.json, log.txt, metrics.jsonl, last.pt, best.pt."""
+    """Where a run keeps its records: hparams.json, log.txt, metrics.jsonl, last.pt, best.pt.
+
+    Also a context manager around the script's work (see start_run)."""
 
     def __init__(self, script, config, out_dir, device, resume):
         self.script = script
@@ -56,6 +59,12 @@ class Run:
 
     def path(self, name):
         return self.out_dir / name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        return False
 
 
 def str2(x):
@@ -161,6 +170,9 @@ def start_run(script, config):
         print(f"Resuming the run in {out}")
     for key, value in config.items():
         print(key + " = " + str(value))
+    if all(k in config for k in ("LR_start", "LR_fin", "num_epochs")):
+        print("LR_decay = " + str2(lr_decay(config["LR_start"], config["LR_fin"],
+                                             config["num_epochs"])))
     return Run(script, config, out, device, bool(resume))
 
 
@@ -361,9 +373,13 @@ def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
     return state["history"]
 
 
-def fit(model, train_set, valid_set, test_set, run, batch_size, LR_start, LR_decay, num_epochs):
+def fit(model, data, run):
     """What every script does once its data and network are built: hinge targets, the two
-    Adams (§2.2), then the loop."""
+    Adams (§2.2), then the loop. Hyperparameters come from run.config."""
+    c = run.config
+    train_set, valid_set, test_set = data
+    batch_size, LR_start, num_epochs = c["batch_size"], c["LR_start"], c["num_epochs"]
+    LR_decay = lr_decay(LR_start, c["LR_fin"], num_epochs)
     # for the hinge loss: one-hot {0, 1} -> {-1, +1}
     (X_train, y_train), (X_val, y_val), (X_test, y_test) = [
         (X, 2 * np.asarray(y, dtype=np.float32) - 1.) for X, y in (train_set, valid_set, test_set)]

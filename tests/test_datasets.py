@@ -619,12 +619,13 @@ def test_real_cifar10(tmp_path, monkeypatch):
     import training
     from models import cnn
     run = training.start_run("cifar10", dict(seed=1234, device="cpu", resume="",
-                                             out_dir=str(tmp_path / "run")))
+                                             out_dir=str(tmp_path / "run"), batch_size=50,
+                                             LR_start=0.003, LR_fin=0.003 * 0.5 ** 2,
+                                             num_epochs=2))
     try:
         model = cnn(widths=(16, 32, 64), fc_units=128, stochastic=False)
-        history = training.fit(model, (train[0][:5000], train[1][:5000]), valid,
-                               (test[0][:2000], test[1][:2000]), run, batch_size=50,
-                               LR_start=0.003, LR_decay=0.5, num_epochs=2)
+        history = training.fit(model, ((train[0][:5000], train[1][:5000]), valid,
+                                       (test[0][:2000], test[1][:2000])), run)
     finally:
         sys.stdout.file.close()
         sys.stdout = sys.stdout.stream

@@ -47,6 +47,12 @@ class BatchNormLayer(nn.Module):
         y = centred * (self.gamma / (std + self.epsilon)).view(shape) + self.beta.view(shape)
         return y if self.nonlinearity is None else self.nonlinearity(y)
 
+    def scale_shift(self):
+        """The eval-mode layer as y = scale * x + shift per feature (before the nonlinearity),
+        for folding it into a binary model's export."""
+        scale = self.gamma / (self.std + self.epsilon)
+        return scale, self.beta - scale * self.mean
+
     def extra_repr(self):
         return (f"{self.num_features}, epsilon={self.epsilon}, alpha={self.alpha}, "
                 f"nonlinearity={getattr(self.nonlinearity, '__name__', self.nonlinearity)}")

@@ -176,7 +176,7 @@ def start_run(script, config):
     return Run(script, config, out, device, bool(resume))
 
 
-class _Split:
+class Split:
     """A split kept where the model is: on the GPU when it fits (no loader, no per-step host
     copies, as in airbench), else on the host; a memory-mapped array stays on disk."""
 
@@ -290,9 +290,9 @@ def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
     test only when validation error <= the best so far, print the original's report."""
     device = run.device
     model.to(device)
-    train_set = _Split(X_train, y_train, device)
-    val_set = _Split(X_val, y_val, device)
-    test_set = _Split(X_test, y_test, device)
+    train_set = Split(X_train, y_train, device)
+    val_set = Split(X_val, y_val, device)
+    test_set = Split(X_test, y_test, device)
     for name, split in (("training", train_set), ("validation", val_set), ("test", test_set)):
         if split.n < batch_size:  # it would have no full batch (§5 drops partial ones)
             raise SystemExit(f"error: the {name} set has {split.n} examples, fewer than "

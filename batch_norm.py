@@ -1,7 +1,9 @@
-"""The original's batch_norm.py (Jan Schlueter's early Lasagne BN), §3 of ../shared/SPEC.md.
+"""The original's batch_norm.py (Jan Schlueter's early Lasagne BN), docs/original.md §3.
 
 Not torch.nn.BatchNorm: epsilon is added to the *biased std* (not inside the sqrt of the
-variance) and the running statistic is that std, not an unbiased variance.
+variance) and the running statistic is that std, not an unbiased variance. The paper's own MNIST
+code (§9) used the variance form, sqrt(var + epsilon), and recomputed its inference statistics as
+averages over minibatches: form="var" and collect_statistics() serve it.
 """
 import torch
 import torch.nn as nn
@@ -10,49 +12,79 @@ import torch.nn as nn
 class BatchNormLayer(nn.Module):
     """Normalises over every axis but 1: per unit for (N, C), per channel for (N, C, H, W).
 
-    Training: y = (x - mean_B) * gamma / (std_B + epsilon) + beta, with the batch's biased std,
-    and the running statistics move by alpha toward the batch's (std without epsilon).
-    Eval: the running `mean` and `std` replace the batch's. The nonlinearity comes last, inside
-    the layer, as in the original (ReLU for hidden layers, identity for the output).
+    Training: y = (x - mean_B) * gamma / (std_B + epsilon) + beta, with the batch's biased std
+    (form="var": / sqrt(std_B**2 + epsilon)), and the running statistics move by alpha toward
+    the batch's (std without epsilon). Eval: the running `mean` and `std` replace the batch's.
+    The nonlinearity comes last, inside the layer, as in the original (ReLU for hidden layers,
+    identity for the output).
     """
 
     def __init__(self, num_features, epsilon=1e-4, alpha=0.1, nonlinearity=None, form="std"):
         super().__init__()
-        if form != "std":
-            raise ValueError(f"form={form!r}: not implemented yet")
-        self.form = form
+        if form not in ("std", "var"):
+            raise ValueError(f"form={form!r}: give 'std' (§3) or 'var' (§9)")
         self.num_features = num_features
         self.epsilon = epsilon
         self.alpha = alpha
         self.nonlinearity = nonlinearity
+        self.form = form
         self.beta = nn.Parameter(torch.zeros(num_features))
         self.gamma = nn.Parameter(torch.ones(num_features))
         self.register_buffer("mean", torch.zeros(num_features))
         self.register_buffer("std", torch.ones(num_features))
+        self.collecting = None  # [batches, sum of means, sum of statistics] while collecting
+
+    def _divisor(self, std):
+        return std + self.epsilon if self.form == "std" else torch.sqrt(std * std + self.epsilon)
 
     def forward(self, x):
+        # Under bf16 autocast the products arrive in bf16; the statistics stay in the layer's
+        # own precision (float32).
+        x = x.to(self.gamma.dtype)
         axes = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        if self.training:
+        if self.training or self.collecting is not None:
             mean = x.mean(dim=axes)
             centred = x - mean.view(shape)
             # Theano's std: sqrt of the two-pass biased variance (ddof = 0).
-            std = torch.sqrt(torch.square(centred).mean(dim=axes))
+            var = torch.square(centred).mean(dim=axes)
+            std = torch.sqrt(var)
             with torch.no_grad():
-                # A Theano default_update: only training passes move the running statistics.
-                self.mean.mul_(1. - self.alpha).add_(mean.detach(), alpha=self.alpha)
-                self.std.mul_(1. - self.alpha).add_(std.detach(), alpha=self.alpha)
+                if self.collecting is not None:
+                    # §9 averaged the batches' statistics: the variance in its variance form.
+                    self.collecting[0] += 1
+                    self.collecting[1] += mean
+                    self.collecting[2] += var if self.form == "var" else std
+                else:
+                    # A Theano default_update: only training passes move the running statistics.
+                    self.mean.mul_(1. - self.alpha).add_(mean.detach(), alpha=self.alpha)
+                    self.std.mul_(1. - self.alpha).add_(std.detach(), alpha=self.alpha)
         else:
             centred, std = x - self.mean.view(shape), self.std
-        y = centred * (self.gamma / (std + self.epsilon)).view(shape) + self.beta.view(shape)
+        y = centred * (self.gamma / self._divisor(std)).view(shape) + self.beta.view(shape)
         return y if self.nonlinearity is None else self.nonlinearity(y)
+
+    def collect_statistics(self, start):
+        """start=True: from now on, eval-mode passes normalise with their batch's statistics and
+        add them up; start=False: the running statistics become those batches' averages (§9)."""
+        if start:
+            zeros = torch.zeros_like(self.mean)
+            self.collecting = [0, zeros, zeros.clone()]
+            return
+        n, mean, stat = self.collecting
+        self.collecting = None
+        if n:
+            with torch.no_grad():
+                self.mean.copy_(mean / n)
+                self.std.copy_(torch.sqrt(stat / n) if self.form == "var" else stat / n)
 
     def scale_shift(self):
         """The eval-mode layer as y = scale * x + shift per feature (before the nonlinearity),
         for folding it into a binary model's export."""
-        scale = self.gamma / (self.std + self.epsilon)
+        scale = self.gamma / self._divisor(self.std)
         return scale, self.beta - scale * self.mean
 
     def extra_repr(self):
         return (f"{self.num_features}, epsilon={self.epsilon}, alpha={self.alpha}, "
+                f"form={self.form}, "
                 f"nonlinearity={getattr(self.nonlinearity, '__name__', self.nonlinearity)}")

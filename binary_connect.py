@@ -18,20 +18,55 @@ def hard_sigmoid(x):
     return torch.clamp((x + 1.) / 2., 0., 1.)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def pcg_hash(x):
+    """Jarzynski & Olano's PCG hash (JCGT 9(3), 2020), a bijection of 32-bit values, on values
+    below 2**32 held in int64: every product stays below 2**63, so no signed overflow anywhere
+    (ATen, C++ or Triton)."""
+    s = (x * 747796405 + 2891336453) & _M32
+    w = (((s >> ((s >> 28) + 4)) ^ s) * 277803737) & _M32
+    return (w >> 22) ^ w
+
+
+def counter_uniform(seed, counter, shape, device):
+    """U[0, 1) draws of 24 bits (float32's resolution, as the original's MRG floats), a pure
+    function of (the layer's seed, the draw counter, the element's index).
+
+    Two keys derived from (seed, counter) drive two keyed rounds of the PCG hash over the flat
+    element index. Being a function of a counter rather than a generator's hidden state, the
+    stream is the same on every device, fuses into a compiled step, needs nothing registered in
+    a CUDA graph, and checkpoints as one integer.
+    """
+    k1 = pcg_hash(pcg_hash(counter & _M32) ^ seed)
+    k2 = pcg_hash(k1 ^ 0x5BD1E995 ^ (counter >> 32))
+    n = math.prod(shape)
+    x = pcg_hash(pcg_hash(torch.arange(n, device=device) ^ k1) ^ k2)
+    return ((x >> 8).to(torch.float32) * 2. ** -24).view(shape)
+
+
+def uniform_like(W, generator):
+    """W-shaped U[0, 1) draws from a layer's stream: a torch.Generator, or a counter stream
+    given as (seed, counter) (see counter_uniform)."""
+    if isinstance(generator, tuple):
+        return counter_uniform(*generator, W.shape, W.device).to(W.dtype)
+    return torch.rand(W.shape, generator=generator, device=W.device, dtype=W.dtype)
+
+
 def binarization(W, H, binary=True, deterministic=False, stochastic=False, generator=None):
     """§1.1. `deterministic` is the test-time flag; `stochastic` the BinaryConnect variant.
 
     Returns W itself when binary is False, or at test time for stochastic BC (the paper's choice:
     drop the noise at test time, like Dropout). Otherwise +-H: deterministic BC rounds
     hard_sigmoid(W/H) half away from zero (Theano's T.round then), so W >= 0 gives +H; stochastic BC
-    gives +H with probability hard_sigmoid(W/H), as MRG_RandomStreams.binomial computed `u < p`.
+    gives +H with probability hard_sigmoid(W/H), as MRG_RandomStreams.binomial computed `u < p`,
+    with u from `generator` (a torch.Generator or a counter stream, see uniform_like).
     """
     if not binary or (deterministic and stochastic):
         return W
     if stochastic:
-        p = hard_sigmoid(W / H)
-        u = torch.rand(W.shape, generator=generator, device=W.device, dtype=W.dtype)
-        b = u < p
+        b = uniform_like(W, generator) < hard_sigmoid(W / H)
     else:
         b = W >= 0
     # {0, 1} -> {-H, +H}, exactly, in W's dtype, with no host-to-device copy of H.
@@ -78,6 +113,8 @@ class BinaryLayerMixin:
         # global numpy RNG, in construction order.
         self.seed = int(rng.randint(1, 2147462579))
         self._generator = None
+        self.rng = "generator"
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
         with torch.no_grad():
             if binary:
                 # §1.4: U(-H, H) for every binary layer, drawn in Lasagne's W shape (§9's
@@ -93,18 +130,27 @@ class BinaryLayerMixin:
 
     @property
     def generator(self):
-        """The layer's own random stream (§1.1), created lazily on the layer's device."""
+        """The layer's own torch.Generator (§1.1), created lazily on the layer's device."""
         if self._generator is None or self._generator_device != self.weight.device:
             self._generator_device = self.weight.device
             self._generator = torch.Generator(device=self.weight.device)
             self._generator.manual_seed(self.seed)
         return self._generator
 
+    def stream(self):
+        """Where this training pass's u comes from: the layer's torch.Generator (rng =
+        "generator", the eager modules) or its counter stream (rng = "counter", the compiled
+        step: see counter_uniform). Both are seeded by self.seed; `draws` counts the samples."""
+        return self.generator if self.rng == "generator" else (self.seed, self.draws)
+
     def binary_weight(self):
         """Wb for this forward pass; one fresh sample per training minibatch (§1.1)."""
+        sampling = self.binary and self.stochastic and self.training
         Wb = binarization(self.weight, self.H, self.binary, deterministic=not self.training,
                           stochastic=self.stochastic,
-                          generator=self.generator if self.stochastic and self.training else None)
+                          generator=self.stream() if sampling else None)
+        if sampling:
+            self.draws.add_(1)
         if Wb is self.weight:
             return Wb
         return _StraightThrough.apply(self.weight, Wb.detach())
@@ -163,45 +209,116 @@ def binary_layers(model):
     return [m for m in model.modules() if isinstance(m, BinaryLayerMixin)]
 
 
-class Adam(torch.optim.Optimizer):
+class _Optimizer(torch.optim.Optimizer):
+    """The update rules of the original, over parameter groups, each group with its own
+    `W_LR_scale` multiplying its step and, with `H`, clipped to [-H, H] after every step (§2.3).
+
+    The update runs as foreach ops over all parameters at once (no Python loop per parameter),
+    and the learning rate and the step count live in tensors on the parameters' device, so the
+    same update runs eagerly, compiled, or inside a CUDA graph captured once for every epoch.
+    Build it after the model is on its device.
+    """
+
+    def __init__(self, params, defaults):
+        super().__init__(params, dict(defaults, W_LR_scale=1., H=None))
+        first = self.param_groups[0]["params"][0]
+        self.LR = torch.tensor(self.defaults["lr"], dtype=torch.float64, device=first.device)
+        self._scales = {}
+        for p in self._params():
+            self._init_state(self.state[p], p)
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def set_learning_rate(self, LR):
+        """Once per epoch (§4.1); a fill, so a captured step sees it without a host sync."""
+        for group in self.param_groups:
+            group["lr"] = LR
+        self.LR.fill_(LR)
+
+    @torch.no_grad()
+    def step(self, grads=None):
+        """One update; `grads` (one per parameter, in group order) or else each p.grad."""
+        params, scales, clip = [], [], []
+        for g in self.param_groups:
+            params += g["params"]
+            scales += [g["W_LR_scale"]] * len(g["params"])
+            clip += [g["H"]] * len(g["params"])
+        if grads is None:
+            keep = [i for i, p in enumerate(params) if p.grad is not None]
+            params, scales, clip = ([x[i] for i in keep] for x in (params, scales, clip))
+            grads = [p.grad for p in params]
+        if not params:
+            return
+        state = [self.state[p] for p in params]
+        steps = [s["step"] for s in state]
+        torch._foreach_add_(steps, 1)
+        self._update(params, grads, state, steps[0], scales)
+        clipped = [(p, H) for p, H in zip(params, clip) if H is not None]
+        if clipped:
+            W = [p for p, _ in clipped]
+            torch._foreach_clamp_min_(W, [-H for _, H in clipped])
+            torch._foreach_clamp_max_(W, [H for _, H in clipped])
+
+    def _scaled(self, t, size, scales, dtype):
+        """t[i] * (size * scales[i]), one 0-dim tensor per parameter, as a Python-float
+        `value=` of addcdiv_ would be: the product in float64, rounded once to the dtype."""
+        key = tuple(scales)
+        if key not in self._scales:  # made once: a host-to-device copy cannot be captured
+            self._scales[key] = torch.tensor(scales, dtype=torch.float64, device=size.device)
+        sizes = (size * self._scales[key]).to(dtype)
+        return torch._foreach_mul(t, list(sizes.unbind()))
+
+
+class Adam(_Optimizer):
     """Lasagne's Adam (§2.2) with BinaryConnect's clipping_scaling (§2.3).
 
     Lasagne puts epsilon on the uncorrected sqrt(v) and folds the bias correction into the step
     size: step = LR*sqrt(1-beta2^t)/(1-beta1^t) * m/(sqrt(v)+epsilon). torch.optim.Adam does not.
-    A group's `W_LR_scale` multiplies its step and a group with `H` is clipped to [-H, H] after
-    every step.
     """
 
     def __init__(self, params, LR=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8):
-        super().__init__(params, dict(lr=LR, beta1=beta1, beta2=beta2, epsilon=epsilon,
-                                      W_LR_scale=1., H=None))
+        super().__init__(params, dict(lr=LR, beta1=beta1, beta2=beta2, epsilon=epsilon))
 
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2, eps = group["beta1"], group["beta2"], group["epsilon"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["t"] = 0
-                    state["m"] = torch.zeros_like(p)
-                    state["v"] = torch.zeros_like(p)
-                state["t"] += 1
-                t = state["t"]
-                m, v = state["m"], state["v"]
-                m.mul_(beta1).add_(p.grad, alpha=1. - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1. - beta2)
-                a_t = group["lr"] * math.sqrt(1. - beta2 ** t) / (1. - beta1 ** t)
-                p.addcdiv_(m, v.sqrt().add_(eps), value=-a_t * group["W_LR_scale"])
-                if group["H"] is not None:
-                    p.clamp_(-group["H"], group["H"])
+    def _init_state(self, state, p):
+        state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
+        state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(self, params, grads, state, t, scales):
+        d = self.defaults
+        beta1, beta2, eps = d["beta1"], d["beta2"], d["epsilon"]
+        m, v = [s["m"] for s in state], [s["v"] for s in state]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1. - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1. - beta2)
+        a_t = self.LR * torch.sqrt(1. - beta2 ** t) / (1. - beta1 ** t)
+        # p - (a_t * W_LR_scale) * m / (sqrt(v) + eps), in addcdiv_'s order of operations
+        step = self._scaled(m, a_t, scales, params[0].dtype)
+        denominator = torch._foreach_sqrt(v)
+        torch._foreach_add_(denominator, eps)
+        torch._foreach_div_(step, denominator)
+        torch._foreach_sub_(params, step)
 
 
-def make_optimizer(model, LR):
+class SGD(_Optimizer):
+    """Plain SGD, no momentum, of the paper's own MNIST code (§9): p - LR * W_LR_scale * g."""
+
+    def __init__(self, params, LR=1e-3):
+        super().__init__(params, dict(lr=LR))
+
+    def _init_state(self, state, p):
+        state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
+
+    def _update(self, params, grads, state, t, scales):
+        torch._foreach_sub_(params, self._scaled(grads, self.LR, scales, params[0].dtype))
+
+
+def make_optimizer(model, LR, optimizer="adam"):
     """§2.2: Adam #1 on the binary W's (one group per layer for its W_LR_scale and H), Adam #2 on
-    everything else (biases, BN beta and gamma). A binary=False layer joins the second group."""
+    everything else (biases, BN beta and gamma). A binary=False layer joins the second group.
+    optimizer="sgd" applies §9's SGD to the same groups."""
     layers = [m for m in binary_layers(model) if m.binary]
     for m in layers:  # printed at build time, as the original's clipping_scaling did (§1.3)
         print("W_LR_scale = " + str(np.float32(m.W_LR_scale)))
@@ -210,17 +327,23 @@ def make_optimizer(model, LR):
     groups = [dict(params=[m.weight], W_LR_scale=m.W_LR_scale, H=m.H) for m in layers]
     others = [p for p in model.parameters() if id(p) not in binary_ids and p.requires_grad]
     groups.append(dict(params=others))
+    if optimizer == "sgd":
+        return SGD(groups, LR=LR)
     return Adam(groups, LR=LR)
 
 
 def set_learning_rate(optimizer, LR):
-    for group in optimizer.param_groups:
-        group["lr"] = LR
+    optimizer.set_learning_rate(LR)
 
 
-def squared_hinge_loss(output, target):
-    """§4.1: mean over the batch AND the 10 outputs of max(0, 1 - t*y)^2, with t in {-1, +1}."""
-    return torch.square(torch.clamp(1. - target * output, min=0.)).mean()
+def squared_hinge_loss(output, target, reduction="mean"):
+    """§4.1: mean over the batch AND the 10 outputs of max(0, 1 - t*y)^2, with t in {-1, +1}.
+    reduction="sum_classes": summed over the outputs, averaged over the batch (§9's form).
+    Batched (k, N, 10) inputs give the k batches' losses."""
+    hinge = torch.square(torch.clamp(1. - target * output, min=0.))
+    if reduction == "sum_classes":
+        return hinge.sum(-1).mean(-1)
+    return hinge.mean((-2, -1))
 
 
 def lr_decay(LR_start, LR_fin, num_epochs):

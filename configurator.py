@@ -1,21 +1,150 @@
-"""nanoGPT's configurator, with type checks: `python mnist.py [config.py ...] [--key=value ...]`.
+"""nanoGPT's configurator, with checks: `python mnist.py [config.py ...] [--key=value ...]`.
 
 The hyperparameters are the plain assignments at the top of a script (ints, floats, bools, strs).
 A config file is a Python file of such assignments, applied first; `--key=value` overrides are
-then parsed to the type of the default. Mistakes stop the run with a message naming the key.
+then parsed to the type of the default, and every value is checked against CHECKS. A mistake stops
+the script before it writes or loads anything, with one line naming the key, the value and what is
+accepted, and exit status 2 (argparse's status for usage errors). `--help` (or `-h`) prints the
+script's docstring and its hyperparameters with their defaults and comments, read from its source.
 """
 import ast
+import inspect
+import io
 import json
+import re
 import sys
+import textwrap
+import tokenize
+import traceback
 from pathlib import Path
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+WIDTH = 99  # --help fits a 100-column terminal
 
 
 class ConfigError(SystemExit):
+    """A usage mistake; configure() prints it to stderr before the exit."""
+
     def __init__(self, message):
-        super().__init__("error: " + message)
+        super().__init__(2)
+        self.message = "error: " + message
+
+    def __str__(self):
+        return self.message
+
+
+def _a(kind):
+    return ("an " if kind.__name__[0] in "aeiou" else "a ") + kind.__name__
+
+
+def _listing(words, conjunction):
+    return " ".join([", ".join(words[:-1]), conjunction, words[-1]]) if words[1:] else words[0]
+
+
+def _literal(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError):
+        return None
+
+
+# CHECKS maps a key to (check, what is accepted). A check returns the value, normalised, or raises
+# ValueError; the error's text, when it has one, replaces "<key> <what is accepted>".
+
+def _ints(low, high=None):
+    def check(v):
+        if type(v) is int and v >= low and (high is None or v < high):
+            return v
+        raise ValueError
+    return check
+
+
+def _floats(ok):
+    def check(v):
+        if type(v) in (int, float) and ok(v):
+            return float(v)
+        raise ValueError
+    return check
+
+
+def _one_of(*names):
+    def check(v):
+        if v in names:
+            return v
+        raise ValueError
+    return check, "must be " + _listing(names, "or")
+
+
+def _glorot_or_positive(v):
+    if v == "Glorot":
+        return v
+    return _floats(lambda x: x > 0)(_literal(v) if type(v) is str else v)
+
+
+def _auto_or_bool(v):
+    text = str(v).lower()  # a bool from a config file reads as "true" / "false"
+    if text == "auto":
+        return text
+    if text in _TRUE | _FALSE:
+        return "true" if text in _TRUE else "false"
+    raise ValueError
+
+
+def _device(v):
+    match = re.fullmatch(r"auto|cpu|mps|cuda(?::(\d+))?", v)
+    if not match:
+        raise ValueError
+    if v in ("auto", "cpu"):
+        return v
+    import torch  # takes a second or two: only when a device may be missing
+    if v == "mps":
+        if torch.backends.mps.is_available():
+            return v
+        raise ValueError("MPS is not available on this machine (try auto or cpu)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(match[1] or 0) < count:
+        return v
+    if count == 0:
+        raise ValueError("CUDA is not available on this machine (try auto or cpu)")
+    raise ValueError(f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def _channels(v):  # svhn_preprocessing.parse_channels' rule
+    try:
+        channels = [int(c) for c in v.split(",")]
+    except ValueError:
+        channels = [None]
+    if len(set(channels)) == len(channels) and set(channels) <= {0, 1, 2}:
+        return v
+    raise ValueError
+
+
+_POSITIVE_INT = (_ints(1), "must be a positive int (>= 1)")
+_POSITIVE = (_floats(lambda x: x > 0), "must be a number > 0")
+CHECKS = {
+    **dict.fromkeys(["batch_size", "num_units", "num_epochs", "monitor_step", "chunk_size",
+                     "train_set_size", "n_valid_train"], _POSITIVE_INT),
+    **dict.fromkeys(["n_hidden_layers", "n_valid_extra"], (_ints(0), "must be an int >= 0")),
+    "seed": (_ints(0, 2**32), "must be an int from 0 to 2**32 - 1 (numpy's limit)"),
+    "alpha": (_floats(lambda x: 0 < x <= 1), "must be in (0, 1]"),
+    **dict.fromkeys(["epsilon", "LR_start", "LR_fin", "init_range"], _POSITIVE),
+    **dict.fromkeys(["dropout_in", "dropout_hidden"],
+                    (_floats(lambda x: 0 <= x < 1), "must be in [0, 1)")),
+    **dict.fromkeys(["H", "W_LR_scale"], (_glorot_or_positive, 'takes "Glorot" or a number > 0')),
+    "optimizer": _one_of("adam", "sgd"),
+    "bn_form": _one_of("std", "var"),
+    "bn_stats": _one_of("ema", "recompute"),
+    "loss_reduction": _one_of("mean", "sum_classes"),
+    "precision": _one_of("fp32", "tf32", "bf16"),
+    "compile": (_auto_or_bool, "takes auto, true or false (also 1/0, yes/no, on/off)"),
+    "device": (_device, "takes auto, cpu, cuda, cuda:N or mps"),
+    "lcn_channels": (_channels, "takes distinct channels among 0, 1, 2 separated by commas, "
+                                "e.g. 0 or 0,1,2"),
+}
+# Typed by their check rather than by their default: H's default is a number and W_LR_scale's the
+# str "Glorot", but each takes either; compile takes bool spellings.
+_LOOSE = {"H", "W_LR_scale", "compile"}
 
 
 def hyperparameters(globals_dict):
@@ -26,6 +155,8 @@ def hyperparameters(globals_dict):
 
 def parse_value(key, text, default):
     kind = type(default)
+    if key in _LOOSE:
+        return text
     if kind is bool:
         if text.lower() in _TRUE:
             return True
@@ -34,16 +165,12 @@ def parse_value(key, text, default):
     elif kind is str:
         return text
     else:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = None
+        value = _literal(text)
         if kind is float and type(value) in (int, float):
             return float(value)
         if kind is int and type(value) is int:
             return value
-    raise ConfigError(f"--{key}={text}: {key} takes a {kind.__name__} "
-                      f"(its default is {default!r})")
+    raise ConfigError(f"--{key}={text}: {key} takes {_a(kind)} (its default is {default!r})")
 
 
 def _check_key(key, config, source):
@@ -52,11 +179,46 @@ def _check_key(key, config, source):
                           + ", ".join(config))
 
 
+def _check_values(config, keys, origin):
+    for key in keys:
+        if key in CHECKS:
+            check, accepted = CHECKS[key]
+            try:
+                config[key] = check(config[key])
+            except ValueError as e:
+                raise ConfigError(f"{origin[key]}: {str(e) or key + ' ' + accepted}") from None
+
+
+def _read_config_file(path):
+    """The hyperparameters a config file assigns; its mistakes are named by file and line."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', '') or e}") \
+            from None
+    try:
+        code = compile(source, path, "exec")
+    except SyntaxError as e:
+        text = (e.text or "").strip()
+        raise ConfigError(f"{path}, line {e.lineno}: {e.msg}" + (f" ({text})" if text else "")) \
+            from None
+    scope = {}
+    try:
+        exec(code, {}, scope)
+    except Exception as e:
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__)
+                 if frame.filename == path]
+        where = f", line {lines[-1]}" if lines else ""
+        raise ConfigError(f"{path}{where}: {type(e).__name__}: {e}") from None
+    return hyperparameters(scope)
+
+
 # What may differ when a run is resumed: where things are, not what is computed.
 RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH")
 
 
-def _resume(config, explicit):
+def _resume(config, explicit, origin):
     """--resume=RUN_DIR continues that run with ITS hyperparameters (hparams.json); an explicit
     setting that contradicts them would silently change the experiment, so it is refused."""
     run_dir = Path(config["resume"])
@@ -75,6 +237,7 @@ def _resume(config, explicit):
     for key, value in stored.items():
         if key in config and key not in explicit:
             config[key] = value
+            origin[key] = f"{path}: {key} = {value!r}"
     # A run directory may have been moved, but a resumed run writes where it is resumed from.
     if "out_dir" in explicit and Path(explicit["out_dir"]).resolve() != run_dir.resolve():
         raise ConfigError(f"--out_dir={explicit['out_dir']} and --resume={run_dir} name different "
@@ -85,34 +248,127 @@ def _resume(config, explicit):
 def configure(globals_dict, argv=None):
     """Apply config files and --key=value overrides from argv (sys.argv[1:]) to the script's
     globals; returns the dict of hyperparameters after overrides. With --resume=RUN_DIR the
-    run's stored hyperparameters replace the script's defaults."""
-    config = hyperparameters(globals_dict)
+    run's stored hyperparameters replace the script's defaults. --help or -h prints the help and
+    exits 0; a mistake prints one line to stderr and exits 2."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text(globals_dict))
+        raise SystemExit(0)
+    try:
+        config = _configure(globals_dict, argv)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise
+    globals_dict.update(config)
+    return config
+
+
+def _configure(globals_dict, argv):
+    config = hyperparameters(globals_dict)
+    script = Path(globals_dict.get("__file__", "the script")).name
+    origin = {k: f"{script}: {k} = {v!r}" for k, v in config.items()}  # where each value came from
     explicit = {}
     for arg in argv:
         if not arg.startswith("--"):
-            try:
-                with open(arg) as f:
-                    source = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {arg}: {e.strerror}") from None
-            scope = {}
-            exec(compile(source, arg, "exec"), {}, scope)
-            for key, value in hyperparameters(scope).items():
+            for key, value in _read_config_file(arg).items():
                 _check_key(key, config, arg)
                 default = config[key]
-                if type(value) is not type(default) and not (
-                        type(default) is float and type(value) is int):
-                    raise ConfigError(f"{arg}: {key} = {value!r}: {key} takes a "
-                                      f"{type(default).__name__} (its default is {default!r})")
-                config[key] = explicit[key] = type(default)(value)
+                if key not in _LOOSE:
+                    if type(value) is not type(default) and not (
+                            type(default) is float and type(value) is int):
+                        raise ConfigError(f"{arg}: {key} = {value!r}: {key} takes "
+                                          f"{_a(type(default))} (its default is {default!r})")
+                    value = type(default)(value)
+                config[key] = explicit[key] = value
+                origin[key] = f"{arg}: {key} = {value!r}"
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:
                 raise ConfigError(f"{arg}: write overrides as --{key}=value")
             _check_key(key, config, "the command line")
             config[key] = explicit[key] = parse_value(key, text, config[key])
+            origin[key] = arg
+    # Checked before resuming too, so that a resume compares normalised values with the stored ones.
+    _check_values(config, explicit, origin)
+    explicit = {k: config[k] for k in explicit}
     if config.get("resume"):
-        _resume(config, explicit)
-    globals_dict.update(config)
+        _resume(config, explicit, origin)
+    _check_values(config, config, origin)
     return config
+
+
+def _source_comments(path, names):
+    """From the script's source: the trailing comment of each top-level assignment to one of
+    `names`, and the column-0 comment lines between it and the statement before (its heading)."""
+    try:
+        with tokenize.open(path) as f:
+            source = f.read()
+        body = ast.parse(source).body
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}, {}
+    trailing, whole = {}, {}  # line number -> comment text
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if tok.line[:tok.start[1]].strip():
+                trailing[tok.start[0]] = text
+            elif tok.start[1] == 0:
+                whole[tok.start[0]] = text
+    comments, headings, end = {}, {}, 0
+    for stmt in body:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else ()
+        assigned = [t.id for t in targets if isinstance(t, ast.Name) and t.id in names]
+        above = [whole[n] for n in range(end + 1, stmt.lineno) if n in whole]
+        for name in assigned:
+            comments.setdefault(name, " ".join(
+                trailing[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in trailing))
+        if assigned and above:
+            headings.setdefault(assigned[0], " ".join(above))
+        end = stmt.end_lineno
+    return comments, headings
+
+
+def help_text(globals_dict):
+    """What the script does (its docstring), how to set its hyperparameters, and each one with
+    its default and the comment beside it in the script, under the script's section comments."""
+    config = hyperparameters(globals_dict)
+    path = globals_dict.get("__file__")
+    comments, headings = _source_comments(path, config) if path else ({}, {})
+    script = Path(path).name if path else "script.py"
+
+    def fill(text):
+        return textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False)
+
+    resume = "resume" in config
+    how = ("Config files (Python files of assignments like those below) are applied first, in "
+           "the order given, then the --key=value overrides. A value takes the type of its "
+           "default: a bool is true/false, 1/0, yes/no or on/off; a str is the text as written"
+           + ('; H and W_LR_scale take "Glorot" or a number' if "H" in config else "") + ".")
+    if resume:
+        may_change = [k for k in RESUME_MAY_CHANGE if k in config and k != "resume"]
+        how += (" --resume=RUN_DIR continues the run in RUN_DIR with the hyperparameters stored "
+                f"in its hparams.json; with it only {_listing(may_change, 'and')} may be given "
+                "(where things are, not what is computed).")
+    parts = [inspect.cleandoc(globals_dict.get("__doc__") or ""),
+             f"usage: python {script} [config.py ...] [--key=value ...]"
+             + (" [--resume=RUN_DIR]" if resume else "") + " [--help]",
+             fill(how), "Hyperparameters (name, default, what it is):"]
+
+    values = {k: repr(v) for k, v in config.items()}
+    name_w = max(map(len, values), default=0) + 2
+    value_w = min(max(map(len, values.values()), default=0), 14) + 2  # longer: comment below
+    indent = 2 + name_w + value_w
+    lines = []
+    for key, value in values.items():
+        if key in headings:
+            lines += ["", fill(headings[key])]
+        head = f"  {key:<{name_w}}{value:<{value_w}}"
+        comment = textwrap.wrap(comments.get(key, ""), WIDTH - indent, break_long_words=False,
+                                break_on_hyphens=False) or [""]
+        if len(head) > indent:  # a long default: its comment starts on the next line
+            lines.append(head.rstrip())
+            head = " " * indent
+        lines.append((head + comment[0]).rstrip())
+        lines += [" " * indent + c for c in comment[1:]]
+    return "\n\n".join(p for p in parts if p) + "\n" + "\n".join(lines)

@@ -1,17 +1,24 @@
-"""The training loop of the original `binary_connect.train` (§5 of ../shared/SPEC.md), plus what a
-20-hour run needs: a run directory, atomic checkpoints, exact resume, clean interrupts.
+"""The training loop of the original `binary_connect.train` (docs/original.md §5), plus what a
+20-hour run needs: a run directory, atomic checkpoints written in the background, exact resume,
+clean interrupts, and a fast training step built from the same modules.
 
-Every experiment script calls `start_run` right after its hyperparameters, then `train`.
+Every experiment script runs `with start_run(...) as run:` right after its hyperparameters, then
+loads its data, builds its network and calls `fit`.
 """
+import contextlib
+import copy
 import datetime
 import io
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +26,17 @@ import torch
 
 from atomic import atomic_write
 from bc_datasets import DatasetError
-from binary_connect import (binary_layers, lr_decay, make_optimizer, set_learning_rate,
-                            squared_hinge_loss)
+from binary_connect import binary_layers, lr_decay, make_optimizer, squared_hinge_loss
 
-CHECKPOINT_VERSION = 1
+# 2: optimizer state as tensors ("step"), the layers' draw counters in the model, the stream kind.
+CHECKPOINT_VERSION = 2
+# Rows per forward pass in evaluation: several of the original's batches at once.
+EVAL_ROWS = 1000
+# CPU runs with compile="auto" compile networks with at least this many binary weights (the
+# paper's: 6.4 M to 14 M), where benchmark.py measured the compiled step about twice as fast;
+# a tiny network would spend longer compiling than training.
+AUTO_COMPILE_CPU_WEIGHTS = 1_000_000
+WARMUP_STEPS = 3  # compiled steps run before a CUDA graph is captured
 
 
 class Tee(io.TextIOBase):
@@ -46,16 +60,21 @@ class Tee(io.TextIOBase):
 
 
 class Run:
-    """Where a run keeps its records: hparams.json, log.txt, metrics.jsonl, last.pt, best.pt.
+    """Where a run keeps its records: hparams.json, log.txt, metrics.jsonl, last.pt, best.pt,
+    resumes.jsonl.
 
-    Also a context manager around the script's work (see start_run)."""
+    Also the context the script's work runs in: an error, or Ctrl-C, ends the script with one
+    line (also written at the end of log.txt), and a run that ends before its first checkpoint
+    leaves nothing behind (the directories start_run created are removed).
+    """
 
-    def __init__(self, script, config, out_dir, device, resume):
+    def __init__(self, script, config, out_dir, device, resume, created=()):
         self.script = script
         self.config = config
         self.out_dir = Path(out_dir)
         self.device = device
         self.resume = resume
+        self.created = list(created)  # directories start_run made, innermost first
 
     def path(self, name):
         return self.out_dir / name
@@ -63,8 +82,53 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, kind, value, traceback):
-        return False
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            return False
+        kept = self.path("last.pt").exists()
+        if issubclass(kind, KeyboardInterrupt):
+            message, code = ("interrupted; the last checkpoint is kept: resume with: python "
+                             f"{self.script}.py --resume={self.out_dir}" if kept else
+                             "interrupted before the first epoch ended; nothing was kept"), 130
+        elif issubclass(kind, DatasetError):
+            message, code = f"error: {value}", 1
+        elif issubclass(kind, SystemExit):
+            message = value.code if isinstance(value.code, str) else None
+            code = 1 if message else value.code
+        else:  # a bug: Python prints the traceback once we return
+            message, code = None, None
+        self._log_end(message or (f"exit status {code}" if code is not None else
+                                  f"error: {kind.__name__}: {value}"))
+        if message:
+            print(message, file=sys.stderr)
+        if not kept:
+            self._remove_debris()
+        if code is None:
+            return False
+        raise SystemExit(code) from None
+
+    def _log_end(self, line):
+        out = sys.stdout
+        if isinstance(out, Tee):
+            out.file.write(line + "\n")
+            out.file.flush()
+
+    def _remove_debris(self):
+        if isinstance(sys.stdout, Tee):
+            sys.stdout.file.close()
+            sys.stdout = sys.stdout.stream
+        if self.resume:
+            return
+        for directory in self.created:
+            shutil.rmtree(directory, ignore_errors=True) if directory == self.out_dir else \
+                _rmdir_if_empty(directory)
+
+
+def _rmdir_if_empty(path):
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def str2(x):
@@ -90,7 +154,7 @@ def _git_info():
     return commit, (None if status is None else bool(status))
 
 
-def _select_device(name):
+def select_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -100,6 +164,11 @@ def _select_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: device={name!r} but CUDA is not available here")
     return device
+
+
+def device_name(device):
+    return str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+                          else "")
 
 
 def atomic_write_bytes(path, data):
@@ -112,50 +181,41 @@ def atomic_torch_save(obj, path):
         torch.save(obj, f)
 
 
-def _report_user_errors(kind, value, traceback):
-    """A missing or corrupt dataset (bc_datasets.DatasetError) ends the script with its message,
-    which says what to do, rather than with a traceback."""
-    if issubclass(kind, DatasetError):
-        print(f"error: {value}", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, value, traceback)
-
-
 def start_run(script, config):
     """Seeds, device, run directory and log, then the original's start-up print of every
-    hyperparameter. `config` must hold seed, device, out_dir and resume."""
-    for key in ("batch_size", "num_epochs", "LR_start", "LR_fin"):
-        if key in config and not config[key] > 0:
-            raise SystemExit(f"error: {key}={config[key]}: must be positive")
+    hyperparameter. `config` must hold seed, device, out_dir and resume. Use it as a context
+    (`with start_run(...) as run:`) around the rest of the script."""
     resume = config.get("resume", "")
-    out_dir = resume or config.get("out_dir") or os.path.join(
-        "runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    out = Path(out_dir)
+    out = Path(resume or config.get("out_dir") or os.path.join(
+        "runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     if resume and not (out / "last.pt").exists():
         raise SystemExit(f"error: --resume={resume}: no checkpoint {out / 'last.pt'} to resume")
     if not resume and (out / "last.pt").exists():
         raise SystemExit(f"error: {out} already holds a run; continue it with --resume={out} "
                          "or choose another --out_dir")
+    created = [p for p in [out, *out.parents] if not p.exists()]
     try:  # fail before any training if the records cannot be written
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / ".write_test", b"")
         (out / ".write_test").unlink()
     except OSError as e:
+        for p in created:
+            _rmdir_if_empty(p)
         raise SystemExit(f"error: cannot write to out_dir {out}: {e.strerror or e}") from None
+    config["out_dir"] = str(out)
 
     np.random.seed(config["seed"])  # §4.1: np.random.seed(1234) at import
     torch.manual_seed(config["seed"])
-    device = _select_device(config.get("device", "auto"))
-    # Same float32 math as the original: no TF32 shortcuts in matmuls or convolutions.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    device = select_device(config.get("device", "auto"))
+    if device.type == "cuda":
+        # cuBLAS is deterministic with a fixed workspace; it must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
     commit, dirty = _git_info()
     record = dict(script=script, hparams=config, git_commit=commit, git_dirty=dirty,
                   versions=dict(python=platform.python_version(), torch=torch.__version__,
                                 numpy=np.__version__),
-                  device=str(device) + (f" ({torch.cuda.get_device_name(device)})"
-                                        if device.type == "cuda" else ""),
+                  device=device_name(device),
                   started=datetime.datetime.now().isoformat(timespec="seconds"))
     if resume:  # hparams.json stays as the run began; each resume adds a line here
         with open(out / "resumes.jsonl", "a") as f:
@@ -165,20 +225,21 @@ def start_run(script, config):
     # A fresh start in a directory with no checkpoint (a run that failed before its first
     # epoch) rewrites its log; a resumed run appends to it.
     sys.stdout = Tee(sys.stdout, out / "log.txt", mode="a" if resume else "w")
-    sys.excepthook = _report_user_errors
     if resume:
         print(f"Resuming the run in {out}")
     for key, value in config.items():
-        print(key + " = " + str(value))
+        shown = f"{value} ({device_name(device)})" if key == "device" and value == "auto" else value
+        print(key + " = " + str(shown))
     if all(k in config for k in ("LR_start", "LR_fin", "num_epochs")):
         print("LR_decay = " + str2(lr_decay(config["LR_start"], config["LR_fin"],
                                              config["num_epochs"])))
-    return Run(script, config, out, device, bool(resume))
+    return Run(script, config, out, device, bool(resume), created)
 
 
 class Split:
     """A split kept where the model is: on the GPU when it fits (no loader, no per-step host
-    copies, as in airbench), else on the host; a memory-mapped array stays on disk."""
+    copies, as in airbench), else on the host; a memory-mapped array stays on disk.
+    y holds the hinge targets, -1 and +1."""
 
     def __init__(self, X, y, device):
         self.n = len(X)
@@ -196,6 +257,7 @@ class Split:
                 self.X[s:s + 65536].copy_(torch.from_numpy(
                     np.ascontiguousarray(X[s:s + 65536], dtype=np.float32)))
         self.y = torch.as_tensor(np.ascontiguousarray(y, dtype=np.float32), device=device)
+        self.on_device = torch.is_tensor(self.X)
 
     def rows(self, start, stop):
         x = self.X[start:stop]
@@ -203,30 +265,55 @@ class Split:
             x = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.device)
         return x, self.y[start:stop]
 
-    def gather(self, idx, idx_dev):
-        """idx: this minibatch's indices in numpy; idx_dev: the same already on the device, so
-        no host-to-device copy (and no sync) is needed per step when X lives there."""
-        if isinstance(self.X, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(self.X[idx])).to(self.device)
-        else:
-            x = self.X[idx_dev]
-        return x, self.y[idx_dev]
+
+def _mean32(values):
+    """The original's `err += new_err` over Theano's float32 results, then `/ n_batches`: a
+    float32 running sum in batch order (np.cumsum adds sequentially; np.sum would not)."""
+    values = np.asarray(values, dtype=np.float32)
+    return np.float32(np.cumsum(values, dtype=np.float32)[-1] / np.float32(len(values)))
 
 
-def evaluate(model, split, batch_size):
-    """§5 val_epoch: deterministic pass; error = mean of per-batch error fractions * 100;
-    partial batches dropped, as the original's integer division did."""
+def evaluate(model, split, batch_size, loss_reduction="mean", forward=None):
+    """§5 val_epoch: a deterministic pass; error = the mean of the per-batch error fractions
+    * 100, loss = the mean of the per-batch losses, both summed in float32 as the original did
+    (ties in "best" depend on it); the partial batch is dropped, as its integer division did.
+
+    An eval-mode output does not depend on the rest of its batch, so several of the original's
+    batches go through one forward pass and are then split back: the same per-batch numbers.
+    `forward` is the (possibly compiled) model to call.
+    """
+    forward = forward or model
     model.eval()
     n_batches = split.n // batch_size
-    loss = torch.zeros((), dtype=torch.float64, device=split.device)
-    err = torch.zeros((), dtype=torch.float64, device=split.device)
+    if n_batches == 0:
+        raise ValueError(f"a split of {split.n} examples has no full batch of {batch_size}")
+    k = max(d for d in range(1, n_batches + 1)
+            if n_batches % d == 0 and d * batch_size <= max(EVAL_ROWS, batch_size))
+    errors, losses = [], []
     with torch.no_grad():
-        for i in range(n_batches):
-            x, t = split.rows(i * batch_size, (i + 1) * batch_size)
-            y = model(x)
-            loss += squared_hinge_loss(y, t)
-            err += (y.argmax(1) != t.argmax(1)).float().mean()
-    return float(err) / n_batches * 100, float(loss) / n_batches
+        for first in range(0, n_batches, k):
+            x, t = split.rows(first * batch_size, (first + k) * batch_size)
+            y = forward(x).float().view(k, batch_size, -1)
+            t = t.view(k, batch_size, -1)
+            errors.append((y.argmax(-1) != t.argmax(-1)).float().mean(-1))
+            losses.append(squared_hinge_loss(y, t, loss_reduction))
+    errors, losses = torch.cat(errors).cpu().numpy(), torch.cat(losses).cpu().numpy()
+    return float(_mean32(errors) * np.float32(100)), float(_mean32(losses))
+
+
+def recompute_bn_statistics(model, splits, batch_size):
+    """§9: the inference statistics of every BN layer become the averages of the batch
+    statistics over the full batches of `splits` (train and valid), the network in eval mode."""
+    bns = [m for m in model.modules() if hasattr(m, "collect_statistics")]
+    model.eval()
+    for bn in bns:
+        bn.collect_statistics(True)
+    with torch.no_grad():
+        for split in splits:
+            for i in range(split.n // batch_size):
+                model(split.rows(i * batch_size, (i + 1) * batch_size)[0])
+    for bn in bns:
+        bn.collect_statistics(False)
 
 
 def report(epoch, num_epochs, seconds, m):
@@ -264,11 +351,203 @@ class _Interrupt:
             signal.signal(s, h)
 
 
+# ------------------------------------------------------------------------------------------------
+# The training step: one copy of the math, run eagerly, compiled, or captured as a CUDA graph
+
+MODES = dict(eager="the eager modules", compiled="compiled (torch.compile)",
+             graph="compiled and captured as a CUDA graph")
+
+
+def step_mode(compile, device, model, data_on_device):
+    """What `compile` ("auto", "true", "false") means on this device for this network:
+    "eager", "compiled" (torch.compile) or "graph" (compiled, then captured as a CUDA graph,
+    which needs the training set on the GPU)."""
+    if compile == "false":
+        return "eager"
+    n_weights = sum(m.weight.numel() for m in binary_layers(model))
+    if compile == "auto" and (device.type not in ("cuda", "cpu")
+                              or device.type == "cpu" and n_weights < AUTO_COMPILE_CPU_WEIGHTS):
+        return "eager"
+    return "graph" if device.type == "cuda" and data_on_device else "compiled"
+
+
+def autocast(precision, device):
+    """bf16: the products (matmuls, convolutions) in bfloat16; the batch norm statistics, the
+    loss, the real-valued weights and Adam's moments stay float32. fp32 and tf32: none."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def set_precision(precision, device):
+    """fp32: the original's float32 arithmetic; tf32: TF32 matmuls and convolutions on GPUs
+    that have them. On CUDA also cuDNN's deterministic algorithms, so a seeded run repeats
+    exactly (and a resumed one continues exactly)."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+class TrainStep:
+    """One training step (§5, §2): the minibatch order[i*B:(i+1)*B] gathered from the training
+    set, Wb drawn, the forward pass, the loss, the straight-through backward and the optimizer's
+    update; the loss goes to losses[i] and i moves on, all on the device, so no step waits for
+    the host.
+
+    mode "eager" runs the modules as they are; "compiled" runs them (forward, backward and the
+    optimizer's update) through torch.compile; "graph" captures the compiled step once as a
+    CUDA graph, after WARMUP_STEPS real steps, and replays it for every later step of every
+    epoch (the epoch's order, the LR and i are tensors it reads). Every mode runs `_step`.
+    When compiling or capturing fails, the step says why and goes on with the eager modules.
+    """
+
+    def __init__(self, model, optimizer, train_set, batch_size, loss_reduction="mean",
+                 mode="eager", precision="fp32"):
+        self.model, self.optimizer, self.data = model, optimizer, train_set
+        self.batch_size = batch_size
+        self.n_batches = train_set.n // batch_size
+        self.loss_reduction = loss_reduction
+        self.precision = precision
+        device = train_set.device
+        self.order = torch.zeros(train_set.n, dtype=torch.long, device=device)
+        self.order_host = np.arange(train_set.n)
+        self.i = torch.zeros((), dtype=torch.long, device=device)
+        self.i_host = 0
+        self.losses = torch.zeros(max(self.n_batches, 1), dtype=torch.float32, device=device)
+        self.offsets = torch.arange(batch_size, device=device)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.graph = None
+        self.steps = 0
+        self._use(mode)
+
+    def _use(self, mode):
+        self.mode = mode
+        if mode == "eager":
+            self.forward, self.update = self.model, self.optimizer.step
+        else:
+            self.forward = torch.compile(self.model, dynamic=False)
+            self.update = torch.compile(self.optimizer.step, dynamic=False)
+
+    def start_epoch(self, order, batch=0, losses=None):
+        self.order_host = np.asarray(order)
+        self.order.copy_(torch.from_numpy(self.order_host))
+        self.i.fill_(batch)
+        self.i_host = batch
+        self.losses.zero_()
+        if losses is not None and len(losses):
+            self.losses[:len(losses)] = torch.as_tensor(losses).to(self.losses.device)
+
+    def _step(self):
+        if self.data.on_device:
+            idx = self.order.index_select(0, self.i * self.batch_size + self.offsets)
+            x, t = self.data.X.index_select(0, idx), self.data.y.index_select(0, idx)
+        else:  # a memory-mapped set: gathered on the host, outside any graph
+            idx = self.order_host[self.i_host * self.batch_size:(self.i_host + 1) * self.batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(self.data.X[idx], dtype=np.float32))
+            x, t = x.to(self.data.device), self.data.y[torch.from_numpy(idx).to(self.data.device)]
+        with autocast(self.precision, self.data.device):
+            output = self.forward(x)
+        loss = squared_hinge_loss(output.float(), t, self.loss_reduction)
+        self.update(torch.autograd.grad(loss, self.params))
+        self.losses.index_copy_(0, self.i.view(1), loss.detach().view(1))
+        self.i += 1
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.mode != "eager" and self.steps == 0:
+            self._first_compiled_step()
+        elif self.mode == "graph" and self.steps >= WARMUP_STEPS:
+            self._capture()
+            self.graph.replay() if self.graph is not None else self._step()
+        elif self.mode == "graph":
+            self._side_stream_step()
+        else:
+            self._step()
+        self.i_host += 1
+        self.steps += 1
+
+    def _first_compiled_step(self):
+        """Compilation happens here; if it fails, the state before it comes back and the step
+        runs eagerly (the layers keep their counter streams, so the run stays the same run)."""
+        saved = _snapshot(self.model, self.optimizer), self.i.clone(), self.losses.clone()
+        try:
+            self._side_stream_step() if self.mode == "graph" else self._step()
+        except Exception as e:  # dynamo, inductor and the C++/Triton compilers raise many kinds
+            _restore(self.model, self.optimizer, saved[0])
+            self.i.copy_(saved[1])
+            self.losses.copy_(saved[2])
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); "
+                  "continuing with the eager modules (slower; --compile=false skips this)")
+            self._use("eager")
+            self._step()
+
+    def _side_stream_step(self):
+        # CUDA graphs want the steps before a capture on a side stream.
+        stream = torch.cuda.Stream(self.data.device)
+        stream.wait_stream(torch.cuda.current_stream(self.data.device))
+        with torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream(self.data.device).wait_stream(stream)
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step()  # recorded, not run: the step it records runs at replay
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"warning: CUDA graph capture failed ({type(e).__name__}: {first_line}); "
+                  "continuing with the compiled step without a graph")
+            self.mode = "compiled"
+            return
+        self.graph = graph
+
+
+def _to_host(obj):
+    """A copy in host memory of tensors in (nested) dicts, lists and tuples: what a checkpoint
+    holds, taken at once so that training can go on while it is written."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    return copy.copy(obj)
+
+
+def _snapshot(model, optimizer):
+    return _to_host(dict(model=model.state_dict(), optimizer=optimizer.state_dict()))
+
+
+def _restore(model, optimizer, snapshot):
+    model.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(snapshot["optimizer"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Random streams: the stochastic layers sample from counter streams in a compiled step and from
+# torch.Generators in the eager modules (binary_connect.BinaryLayerMixin.stream).
+
+def set_stream_kind(model, kind):
+    for m in binary_layers(model):
+        m.rng = kind
+
+
 def _rng_states(model, device):
     # The run's own GPU only: a resume on a machine with fewer GPUs must still work.
+    layers = binary_layers(model)
+    kind = layers[0].rng if layers else "generator"
     return dict(numpy=np.random.get_state(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                layers=[m.generator.get_state() for m in binary_layers(model)])
+                kind=kind, device=device.type,
+                layers=[m.generator.get_state() for m in layers] if kind == "generator" else None)
 
 
 def _set_rng_states(model, states, device):
@@ -276,132 +555,91 @@ def _set_rng_states(model, states, device):
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
-    for m, s in zip(binary_layers(model), states["layers"]):
-        try:
+    layers = binary_layers(model)
+    kind = layers[0].rng if layers else "generator"
+    saved_kind = states.get("kind", "generator")
+    if kind == "counter":
+        if saved_kind != "counter" and any(m.stochastic for m in layers):
+            print("note: this run sampled its binary weights from torch.Generator streams (the "
+                  "eager modules); the compiled step samples from counter streams: from here on "
+                  "each layer draws from its counter stream, a new stream, not a repeat")
+        return
+    restored = saved_kind == "generator" and states.get("device", device.type) == device.type
+    for m, s in zip(layers, states["layers"] if restored else [None] * len(layers)):
+        if s is not None:
             m.generator.set_state(s)
-        except RuntimeError:
-            # A generator state from another device kind cannot be restored: reseed, and say so.
-            print(f"warning: layer generator state not restorable on {m.weight.device}; reseeded")
+        else:
+            # A stream from another device kind (or a counter stream) cannot continue here:
+            # a new seed derived from (seed, draws so far) gives a stream that does not repeat it.
+            seed = np.random.SeedSequence([m.seed, int(m.draws)]).generate_state(1)[0]
+            m.generator.manual_seed(int(seed))
+    if not restored and any(m.stochastic for m in layers):
+        print(f"note: the layers' random streams were saved as {saved_kind} streams on "
+              f"{states.get('device')} and cannot continue as torch.Generator streams on "
+              f"{device.type}: each layer continues with a new stream seeded from (its seed, its "
+              "draws so far), which does not repeat the old one")
 
 
-def train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
-          X_train, y_train, X_val, y_val, X_test, y_test, run):
-    """§5: shuffle (numpy), train with partial batches dropped, validate every epoch, evaluate
-    test only when validation error <= the best so far, print the original's report."""
-    device = run.device
-    model.to(device)
-    train_set = Split(X_train, y_train, device)
-    val_set = Split(X_val, y_val, device)
-    test_set = Split(X_test, y_test, device)
-    for name, split in (("training", train_set), ("validation", val_set), ("test", test_set)):
-        if split.n < batch_size:  # it would have no full batch (§5 drops partial ones)
-            raise SystemExit(f"error: the {name} set has {split.n} examples, fewer than "
-                             f"batch_size={batch_size}")
-    n_batches = train_set.n // batch_size
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: taken to host memory at the end of an epoch, written by a background thread
 
-    state = dict(epoch=0, batch=0, LR=LR_start, best_val_err=100., best_epoch=1,
-                 test_err=None, test_loss=None, history=[], losses=None,
-                 order=np.arange(train_set.n))
-    if run.resume:
-        state = _load_checkpoint(run, model, optimizer, train_set.n)
-    else:
-        # §5: the train set is shuffled once before epoch 1 ...
-        np.random.shuffle(state["order"])
-    log_metrics(run, state["history"])
+class CheckpointWriter:
+    """Writes each epoch's checkpoint (best.pt, then last.pt, then metrics.jsonl, each atomic)
+    in a background thread from a host-memory snapshot, so a 2-second epoch does not wait for
+    150 MB to reach the disk. One write at a time: the next snapshot waits for the previous
+    write. metrics.jsonl is written after last.pt, so it never holds an epoch that a resume
+    would repeat."""
 
-    with _Interrupt() as interrupt:
-        for epoch in range(state["epoch"] + 1, num_epochs + 1):
-            start_time = time.time()
-            LR = state["LR"]
-            set_learning_rate(optimizer, LR)
-            model.train()
-            losses = torch.zeros(n_batches, dtype=torch.float32, device=device)
-            if state["losses"] is not None:  # resuming mid-epoch
-                losses[:len(state["losses"])] = torch.as_tensor(state["losses"]).to(device)
-            order = state["order"]
-            order_dev = torch.as_tensor(order, device=device)
-            batches = range(state["batch"], n_batches)
-            if sys.stderr.isatty() and sys.stdout.isatty():
-                from tqdm import tqdm
-                batches = tqdm(batches, desc=f"epoch {epoch}", leave=False,
-                               initial=state["batch"], total=n_batches)
-            for i in batches:
-                batch = slice(i * batch_size, (i + 1) * batch_size)
-                x, t = train_set.gather(order[batch], order_dev[batch])
-                output = model(x)
-                loss = squared_hinge_loss(output, t)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses[i] = loss.detach()  # no host sync per step; checked once per epoch
-                if interrupt.signum is not None:
-                    _check_finite(losses[:i + 1], epoch)
-                    state.update(epoch=epoch - 1, batch=i + 1, losses=losses[:i + 1].cpu())
-                    _save_checkpoint(run, model, optimizer, state)
-                    _stop(run, interrupt.signum, f"during epoch {epoch} (after batch {i + 1} "
-                                                 f"of {n_batches})")
-            _check_finite(losses, epoch)
-            train_loss = float(losses.double().sum()) / n_batches
-            # ... and again after each epoch's training pass (a composed permutation, exactly
-            # as the original's shuffle of the arrays).
-            perm = np.arange(train_set.n)
-            np.random.shuffle(perm)
-            state["order"] = order[perm]
+    def __init__(self, run):
+        self.run = run
+        self.thread = None
+        self.error = None
 
-            val_err, val_loss = evaluate(model, val_set, batch_size)
-            improved = val_err <= state["best_val_err"]  # ties count (§5)
-            if improved:
-                state["best_val_err"], state["best_epoch"] = val_err, epoch
-                state["test_err"], state["test_loss"] = evaluate(model, test_set, batch_size)
-            seconds = time.time() - start_time
-            metrics = dict(epoch=epoch, LR=LR, train_loss=train_loss, val_loss=val_loss,
-                           val_err=val_err, best_epoch=state["best_epoch"],
-                           best_val_err=state["best_val_err"], test_loss=state["test_loss"],
-                           test_err=state["test_err"], seconds=seconds)
-            print(report(epoch, num_epochs, seconds, metrics))
-            sys.stdout.flush()
-            state["history"].append(metrics)
-            state.update(epoch=epoch, batch=0, losses=None, LR=LR * LR_decay)  # §4.1
-            _save_checkpoint(run, model, optimizer, state, best=improved)
-            log_metrics(run, state["history"])
-            if interrupt.signum is not None and epoch < num_epochs:  # it came during evaluation
-                _stop(run, interrupt.signum, f"at the end of epoch {epoch}")
-    best = state["history"][-1] if state["history"] else None
-    if best:
-        print(f"Best validation error rate {str2(best['best_val_err'])}% at epoch "
-              f"{best['best_epoch']}; test error rate there: {str2(best['test_err'])}%")
-    return state["history"]
+    def save(self, checkpoint, best):
+        self.wait()
+        self.thread = threading.Thread(target=self._write, args=(checkpoint, best))
+        self.thread.start()
+
+    def _write(self, checkpoint, best):
+        try:
+            _write_checkpoint(self.run, checkpoint, best)
+        except SystemExit as e:
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
-def fit(model, data, run):
-    """What every script does once its data and network are built: hinge targets, the two
-    Adams (§2.2), then the loop. Hyperparameters come from run.config."""
-    c = run.config
-    train_set, valid_set, test_set = data
-    batch_size, LR_start, num_epochs = c["batch_size"], c["LR_start"], c["num_epochs"]
-    LR_decay = lr_decay(LR_start, c["LR_fin"], num_epochs)
-    # for the hinge loss: one-hot {0, 1} -> {-1, +1}
-    (X_train, y_train), (X_val, y_val), (X_test, y_test) = [
-        (X, 2 * np.asarray(y, dtype=np.float32) - 1.) for X, y in (train_set, valid_set, test_set)]
-    optimizer = make_optimizer(model, LR_start)
-    print('Training...')
-    return train(model, optimizer, batch_size, LR_start, LR_decay, num_epochs,
-                 X_train, y_train, X_val, y_val, X_test, y_test, run)
+def _checkpoint(run, model, optimizer, state):
+    return _to_host(dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), rng=_rng_states(model, run.device),
+                         hparams=run.config, **state))
 
 
-def _stop(run, signum, where):
-    print(f"\n{signal.Signals(signum).name} received {where}; checkpoint written to "
-          f"{run.path('last.pt')}.\nResume with: python {run.script}.py --resume={run.out_dir}")
-    sys.stdout.flush()
-    raise SystemExit(128 + signum)
+def _write_checkpoint(run, checkpoint, best=False):
+    try:
+        # best.pt first: if it fails, last.pt still holds the previous epoch, which a resume
+        # then redoes, best.pt included.
+        if best:
+            atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=checkpoint["model"],
+                                   epoch=checkpoint["epoch"], hparams=run.config),
+                              run.path("best.pt"))
+        atomic_torch_save(checkpoint, run.path("last.pt"))
+        log_metrics(run, checkpoint["history"])
+    except OSError as e:
+        raise SystemExit(f"error: could not write a checkpoint in {run.out_dir} "
+                         f"({e.strerror or e}); the previous one is intact. Free some space, "
+                         f"then resume with: python {run.script}.py --resume={run.out_dir}")
 
 
-def _check_finite(losses, epoch):
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        raise SystemExit(f"error: the training loss became {float(losses[bad[0, 0]])} at epoch "
-                         f"{epoch}, batch {int(bad[0, 0]) + 1}; stopping. The last good "
-                         "checkpoint (end of the previous epoch) is kept.")
+def _save_checkpoint(run, model, optimizer, state, best=False):
+    """The checkpoint of this moment, written before returning."""
+    _write_checkpoint(run, _checkpoint(run, model, optimizer, state), best)
 
 
 def log_metrics(run, history):
@@ -411,22 +649,21 @@ def log_metrics(run, history):
     atomic_write_bytes(run.path("metrics.jsonl"), text.encode())
 
 
-def _save_checkpoint(run, model, optimizer, state, best=False):
-    checkpoint = dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
-                      optimizer=optimizer.state_dict(), rng=_rng_states(model, run.device),
-                      hparams=run.config, **state)
-    try:
-        # best.pt first: if it fails, last.pt still holds the previous epoch, which a resume
-        # then redoes, best.pt included.
-        if best:
-            atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
-                                   epoch=state["epoch"], hparams=run.config),
-                              run.path("best.pt"))
-        atomic_torch_save(checkpoint, run.path("last.pt"))
-    except OSError as e:
-        raise SystemExit(f"error: could not write a checkpoint in {run.out_dir} "
-                         f"({e.strerror or e}); the previous one is intact. Free some space, "
-                         f"then resume with: python {run.script}.py --resume={run.out_dir}")
+def _upgrade(checkpoint, model):
+    """A version 1 checkpoint (optimizer steps as ints, no draw counters, generator streams)
+    read as version 2: every stochastic layer had drawn once per step taken."""
+    state = checkpoint["optimizer"]["state"]
+    steps = 0
+    for s in state.values():
+        steps = s.pop("t")
+        s["step"] = torch.tensor(float(steps), dtype=torch.float64)
+    for name, m in model.named_modules():
+        if m in binary_layers(model):
+            checkpoint["model"][f"{name}.draws"] = torch.tensor(
+                steps if m.binary and m.stochastic else 0, dtype=torch.int64)
+    checkpoint["rng"]["kind"], checkpoint["rng"]["device"] = "generator", None
+    checkpoint.setdefault("elapsed", 0.)
+    return checkpoint
 
 
 def _load_checkpoint(run, model, optimizer, n_train):
@@ -435,9 +672,11 @@ def _load_checkpoint(run, model, optimizer, n_train):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
+    if checkpoint.get("version") not in (1, CHECKPOINT_VERSION):
         raise SystemExit(f"error: {path} is a version {checkpoint.get('version')} checkpoint; "
-                         f"this code reads version {CHECKPOINT_VERSION}")
+                         f"this code reads versions 1 and {CHECKPOINT_VERSION}")
+    if checkpoint["version"] == 1:
+        checkpoint = _upgrade(checkpoint, model)
     if len(checkpoint["order"]) != n_train:  # the shuffle order indexes the training set
         raise SystemExit(f"error: {path} was trained on {len(checkpoint['order'])} training "
                          f"examples, but the data now gives {n_train}: resume with the same data")
@@ -446,7 +685,161 @@ def _load_checkpoint(run, model, optimizer, n_train):
     _set_rng_states(model, checkpoint["rng"], run.device)
     state = {k: checkpoint[k] for k in ("epoch", "batch", "LR", "best_val_err", "best_epoch",
                                          "test_err", "test_loss", "history", "losses", "order")}
+    state["elapsed"] = checkpoint.get("elapsed", 0.)
     print(f"Resumed from {path}: epoch {state['epoch']} done"
           + (f", {state['batch']} batches into epoch {state['epoch'] + 1}" if state["batch"]
              else ""))
     return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+def _stop(run, signum, where):
+    print(f"\n{signal.Signals(signum).name} received {where}; checkpoint written to "
+          f"{run.path('last.pt')}.\nResume with: python {run.script}.py --resume={run.out_dir}")
+    sys.stdout.flush()
+    raise SystemExit(128 + signum)
+
+
+def _check_finite(losses, epoch):
+    bad = np.nonzero(~np.isfinite(losses))[0]
+    if len(bad):
+        raise SystemExit(f"error: the training loss became {float(losses[bad[0]])} at epoch "
+                         f"{epoch}, batch {int(bad[0]) + 1}; stopping. The last good "
+                         "checkpoint (end of the previous epoch) is kept.")
+
+
+BIG_LOSS_NOTE = ("  (a validation loss this large is expected early in stochastic BC on small "
+                 "networks: the BN statistics were gathered with sampled +-H weights, the "
+                 "evaluation uses the real-valued ones; docs/original.md §3)")
+
+
+def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epochs,
+          compile="false", precision="fp32", loss_reduction="mean", monitor_step=1,
+          bn_stats="ema"):
+    """§5: shuffle (numpy), train with partial batches dropped, validate every epoch (every
+    monitor_step epochs, §9), evaluate test only when validation error <= the best so far, print
+    the original's report. data: ((X, t), (X, t), (X, t)) for train, valid, test, t in {-1, +1}.
+
+    The reported seconds of an epoch count its training steps, the reshuffle and the evaluation
+    (for a resumed epoch, its part before the interruption too); the checkpoint is written in
+    the background and not counted.
+    """
+    device = run.device
+    train_set, val_set, test_set = (Split(X, y, device) for X, y in data)
+    for name, split in (("training", train_set), ("validation", val_set), ("test", test_set)):
+        if split.n < batch_size:  # it would have no full batch (§5 drops partial ones)
+            raise SystemExit(f"error: the {name} set has {split.n} examples, fewer than "
+                             f"batch_size={batch_size}")
+    n_batches = train_set.n // batch_size
+    mode = step_mode(str(compile).lower(), device, model, train_set.on_device)
+    # The stream is a function of the configuration, not of whether compiling succeeds: a
+    # compiled step that falls back to the eager modules keeps drawing from the same streams.
+    set_stream_kind(model, "generator" if mode == "eager" else "counter")
+    set_precision(precision, device)
+    print(f"Training step: {MODES[mode]}, {precision}, on {device_name(device)}")
+    step = TrainStep(model, optimizer, train_set, batch_size, loss_reduction, mode, precision)
+
+    state = dict(epoch=0, batch=0, LR=LR_start, best_val_err=100., best_epoch=1,
+                 test_err=None, test_loss=None, history=[], losses=None, elapsed=0.,
+                 order=np.arange(train_set.n))
+    if run.resume:
+        state = _load_checkpoint(run, model, optimizer, train_set.n)
+    else:
+        # §5: the train set is shuffled once before epoch 1 ...
+        np.random.shuffle(state["order"])
+    log_metrics(run, state["history"])
+
+    def evaluation(split):
+        with autocast(precision, device):
+            return evaluate(model, split, batch_size, loss_reduction, forward=step.forward)
+
+    writer = CheckpointWriter(run)
+    try:
+        with _Interrupt() as interrupt:
+            for epoch in range(state["epoch"] + 1, num_epochs + 1):
+                start_time = time.time() - state["elapsed"]
+                LR = state["LR"]
+                optimizer.set_learning_rate(LR)
+                model.train()
+                step.start_epoch(state["order"], state["batch"], state["losses"])
+                batches = range(state["batch"], n_batches)
+                if sys.stderr.isatty() and sys.stdout.isatty():
+                    from tqdm import tqdm
+                    batches = tqdm(batches, desc=f"epoch {epoch}", leave=False,
+                                   initial=state["batch"], total=n_batches)
+                for i in batches:
+                    step()
+                    if interrupt.signum is not None:
+                        losses = step.losses[:i + 1].cpu().numpy()
+                        _check_finite(losses, epoch)
+                        state.update(epoch=epoch - 1, batch=i + 1, losses=losses,
+                                     elapsed=time.time() - start_time)
+                        writer.wait()
+                        _save_checkpoint(run, model, optimizer, state)
+                        _stop(run, interrupt.signum, f"during epoch {epoch} (after batch "
+                                                     f"{i + 1} of {n_batches})")
+                losses = step.losses[:n_batches].cpu().numpy()  # the epoch's one host sync
+                _check_finite(losses, epoch)
+                train_loss = float(_mean32(losses))
+                monitor = epoch % monitor_step == 0 or epoch == num_epochs
+                improved = False
+                if monitor:
+                    # ... and again after each epoch's training pass (a composed permutation,
+                    # exactly as the original's shuffle of the arrays).
+                    perm = np.arange(train_set.n)
+                    np.random.shuffle(perm)
+                    state["order"] = state["order"][perm]
+                    if bn_stats == "recompute":
+                        recompute_bn_statistics(model, (train_set, val_set), batch_size)
+                    val_err, val_loss = evaluation(val_set)
+                    improved = val_err <= state["best_val_err"]  # ties count (§5)
+                    if improved:
+                        state["best_val_err"], state["best_epoch"] = val_err, epoch
+                        state["test_err"], state["test_loss"] = evaluation(test_set)
+                    seconds = time.time() - start_time
+                    metrics = dict(epoch=epoch, LR=LR, train_loss=train_loss, val_loss=val_loss,
+                                   val_err=val_err, best_epoch=state["best_epoch"],
+                                   best_val_err=state["best_val_err"],
+                                   test_loss=state["test_loss"], test_err=state["test_err"],
+                                   seconds=seconds)
+                    print(report(epoch, num_epochs, seconds, metrics))
+                    if val_loss > 1000:
+                        print(BIG_LOSS_NOTE)
+                    state["history"].append(metrics)
+                else:
+                    seconds = time.time() - start_time
+                    print(f"Epoch {epoch} of {num_epochs} took {str2(seconds)}s (training "
+                          f"loss {str2(train_loss)}; evaluated every {monitor_step} epochs)")
+                sys.stdout.flush()
+                state.update(epoch=epoch, batch=0, losses=None, elapsed=0.,
+                             LR=LR * LR_decay)  # §4.1
+                writer.save(_checkpoint(run, model, optimizer, state), best=improved)
+                if interrupt.signum is not None and epoch < num_epochs:  # during evaluation
+                    writer.wait()
+                    _stop(run, interrupt.signum, f"at the end of epoch {epoch}")
+    finally:
+        writer.wait()
+    best = state["history"][-1] if state["history"] else None
+    if best:
+        print(f"Best validation error rate {str2(best['best_val_err'])}% at epoch "
+              f"{best['best_epoch']}; test error rate there: {str2(best['test_err'])}%")
+    return state["history"]
+
+
+def fit(model, data, run):
+    """What every script does once its data and network are built: hinge targets, the
+    optimizer (§2.2), then the loop, with the training step its `compile` and `precision` ask
+    for. Hyperparameters come from run.config."""
+    c = run.config
+    model.to(run.device)
+    # for the hinge loss: one-hot {0, 1} -> {-1, +1}
+    data = [(X, 2 * np.asarray(y, dtype=np.float32) - 1.) for X, y in data]
+    optimizer = make_optimizer(model, c["LR_start"], c.get("optimizer", "adam"))
+    print('Training...')
+    return train(model, optimizer, data, run, c["batch_size"], c["LR_start"],
+                 lr_decay(c["LR_start"], c["LR_fin"], c["num_epochs"]), c["num_epochs"],
+                 compile=c.get("compile", "false"), precision=c.get("precision", "fp32"),
+                 loss_reduction=c.get("loss_reduction", "mean"),
+                 monitor_step=c.get("monitor_step", 1), bn_stats=c.get("bn_stats", "ema"))

@@ -17,7 +17,9 @@ def script_globals():
 
 
 def message(excinfo):
-    return str(excinfo.value.code)
+    """The one line configure() prints to stderr; the exit status is 2."""
+    assert excinfo.value.code == 2
+    return str(excinfo.value)
 
 
 def test_no_arguments_keeps_defaults():
@@ -59,8 +61,16 @@ def test_int_accepted_for_a_float_key():
 
 def test_str_key_takes_the_text_verbatim():
     g = script_globals()
+    configurator.configure(g, ["--data_dir= a b,c "])
+    assert g["data_dir"] == " a b,c "
+
+
+def test_W_LR_scale_takes_Glorot_or_a_number():
+    g = script_globals()
     configurator.configure(g, ["--W_LR_scale=1.5"])
-    assert g["W_LR_scale"] == "1.5"
+    assert g["W_LR_scale"] == 1.5 and type(g["W_LR_scale"]) is float
+    configurator.configure(g, ["--W_LR_scale=Glorot"])
+    assert g["W_LR_scale"] == "Glorot"
 
 
 def test_unknown_key_names_it_and_lists_valid_names():

@@ -62,8 +62,8 @@ if hook:
         os.replace = replace
     else:
         real_loss = binary_connect.squared_hinge_loss
-        def loss(output, target):
-            value = real_loss(output, target)
+        def loss(output, target, *args):
+            value = real_loss(output, target, *args)
             if hook.get("phase") == "eval":  # the first evaluation loss after the at-th training loss
                 count[0] += torch.is_grad_enabled()
                 if count[0] == hook["at"] and not torch.is_grad_enabled():
@@ -364,6 +364,28 @@ def test_nan_loss_stops_naming_epoch_and_batch(work, tmp_path):
     assert (checkpoint["epoch"], checkpoint["batch"]) == (1, 0)
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
     assert [r["epoch"] for r in metrics(out)] == [1]
+    # the error that ended the run closes its log
+    last_line = (out / "log.txt").read_text().splitlines()[-1]
+    assert last_line.startswith("error: the training loss became nan at epoch 2, batch 3")
+
+
+def test_ctrl_c_while_loading_leaves_nothing(work, tmp_path):
+    """Ctrl-C before the first epoch ends: one clean line, status 130, no run directory."""
+    out = tmp_path / "runs" / "b"
+    runner = tmp_path / "interrupt_loading.py"
+    runner.write_text(
+        "import runpy, sys, bc_datasets\n"
+        "def load(*a, **k):\n"
+        "    raise KeyboardInterrupt\n"
+        "bc_datasets.load_mnist = load\n"
+        f"sys.argv = ['mnist.py', '--out_dir={out}', '--device=cpu']\n"
+        f"runpy.run_path({str(REPO / 'mnist.py')!r}, run_name='__main__')\n")
+    p = subprocess.run([sys.executable, str(runner)], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        "interrupted before the first epoch ended; nothing was kept"]
+    assert not (tmp_path / "runs").exists()
 
 
 # 4. Unwritable out_dir -----------------------------------------------------------------------------------
@@ -517,7 +539,9 @@ def test_a_start_that_failed_before_its_first_checkpoint_can_be_rerun(work, refe
     out = tmp_path / "b"
     p = run_mnist(work, out, data_dir=str(tmp_path / "no-data"))  # no MNIST there: stops early
     assert p.returncode != 0 and "t10k-images-idx3-ubyte.gz" in p.stderr
-    assert (out / "hparams.json").exists() and not (out / "last.pt").exists()
+    assert "Traceback" not in p.stderr
+    assert not out.exists()  # a start that failed before its first epoch leaves nothing behind
+    out.mkdir()  # nor does a directory left empty by something else stop a new start
     p = run_mnist(work, out)
     check_ok(p)
     assert without_seconds(metrics(out)) == without_seconds(expected)

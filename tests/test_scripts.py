@@ -129,7 +129,7 @@ def test_cifar10_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = run_script("cifar10.py", f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False",
                       "--train_set_size=100", "--num_epochs=1", f"--out_dir={out}",
-                      "--device=cpu")
+                      "--device=cpu", "--compile=false")
     lines = check_report(proc.stdout, 1)
     assert "Loading CIFAR-10 dataset..." in lines and "Building the CNN..." in lines
     # nine binary layers: 6 conv + 3 dense, with the SPEC §1.3 CIFAR-10 scales
@@ -151,7 +151,7 @@ def test_svhn_preprocessing_then_svhn(tmp_path):
         assert (local / f"{name}_X.npy").exists() and (local / f"{name}_y.npy").exists()
     out = tmp_path / "run"
     proc = run_script("svhn.py", "--num_epochs=1", f"--out_dir={out}", "--device=cpu",
-                      env={"SVHN_LOCAL_PATH": str(local)})
+                      "--compile=false", env={"SVHN_LOCAL_PATH": str(local)})
     lines = check_report(proc.stdout, 1)
     assert "Loading SVHN dataset" in lines
     scales = [float(l.split("= ")[1]) for l in lines if l.startswith("W_LR_scale = ")

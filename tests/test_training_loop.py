@@ -118,13 +118,13 @@ def test_lr_of_epoch_e_is_start_times_decay_to_e_minus_1(new_run):
     seen = []
     step = opt.step
 
-    def recording_step():
+    def recording_step(*grads):
         seen.append([g["lr"] for g in opt.param_groups])
-        step()
+        step(*grads)
     opt.step = recording_step
 
-    history = training.train(model, opt, batch, LR_start, decay, epochs, Xtr, ytr, Xva, yva,
-                             Xte, yte, run)
+    history = training.train(model, opt, ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, batch,
+                             LR_start, decay, epochs)
     assert len(history) == epochs and len(seen) == epochs * 4
     for e in range(1, epochs + 1):
         want = LR_start * decay ** (e - 1)
@@ -156,12 +156,12 @@ def test_test_set_evaluated_only_when_validation_ties_or_improves(new_run, monke
     test_calls = []
     step = opt.step
 
-    def marking_step():
+    def marking_step(*grads):
         state["trained"] = True
-        step()
+        step(*grads)
     opt.step = marking_step
 
-    def fake_evaluate(model_, split, batch_size):
+    def fake_evaluate(model_, split, batch_size, *args, **kwargs):
         assert model_ is model and batch_size == 10
         if state["trained"]:  # the first evaluation after a training pass: validation
             state["trained"] = False
@@ -173,8 +173,8 @@ def test_test_set_evaluated_only_when_validation_ties_or_improves(new_run, monke
         return 200. + e, 10. + e
 
     monkeypatch.setattr(training, "evaluate", fake_evaluate)
-    history = training.train(model, opt, 10, 0.001, 1.0, len(val_errs), Xtr, ytr, Xva, yva,
-                             Xte, yte, run)
+    history = training.train(model, opt, ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, 10, 0.001,
+                             1.0, len(val_errs))
     assert test_calls == [1, 2, 3, 5, 6]
     best_epoch = [1, 2, 3, 3, 5, 6, 6]
     best_val = [100.0, 60.0, 60.0, 60.0, 50.0, 50.0, 50.0]
@@ -209,7 +209,8 @@ def test_partial_batches_are_dropped_in_training_and_evaluation(new_run):
     calls = []
     model.register_forward_pre_hook(
         lambda mod, args: calls.append((mod.training, args[0].detach().cpu().numpy().copy())))
-    history = training.train(model, opt, 50, 0.001, 1.0, 2, Xtr, ytr, Xva, yva, Xte, yte, run)
+    history = training.train(model, opt, ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, 50, 0.001,
+                             1.0, 2)
     assert len(history) == 2
     per_epoch = []
     i = 0
@@ -223,15 +224,16 @@ def test_partial_batches_are_dropped_in_training_and_evaluation(new_run):
             evals.append(calls[i][1])
             i += 1
         # 105 // 50 = 2 training steps; validation 2 batches; test (evaluated in epoch 1, since
-        # val <= 100 always) 73 // 50 = 1 batch; every batch full
+        # val <= 100 always) 73 // 50 = 1 batch; every batch full. Evaluation passes whole
+        # batches, several at a time (here the 2 validation batches in one pass).
         assert [len(x) for x in train_x] == [50, 50]
         n_test = 1 if history[e]["best_epoch"] == e + 1 else 0
-        assert [len(x) for x in evals] == [50] * (2 + n_test)
+        assert [len(x) for x in evals] == [100] + [50] * n_test
         per_epoch.append(np.concatenate(train_x))
         # evaluation reads the splits in file order, the tail dropped
-        np.testing.assert_array_equal(np.concatenate(evals[:2]), Xva[:100])
+        np.testing.assert_array_equal(evals[0], Xva[:100])
         if n_test:
-            np.testing.assert_array_equal(evals[2], Xte[:50])
+            np.testing.assert_array_equal(evals[1], Xte[:50])
     assert i == len(calls)
     for x in per_epoch:  # 100 distinct training rows per epoch (a permutation, tail dropped)
         rows = {r.tobytes() for r in x}
@@ -283,8 +285,8 @@ def test_error_is_mean_of_batch_fractions_without_the_tail(new_run):
     Xtr = np.repeat(row, 120, axis=0)  # identical rows: the training loss is order-free
     ytr = np.repeat(hinge_targets([3]), 120, axis=0)
     model = Passthrough()
-    history = training.train(model, bc.make_optimizer(model, 0.001), 50, 0.001, 1.0, 1,
-                             Xtr, ytr, Xva, yva, Xte, yte, run)
+    history = training.train(model, bc.make_optimizer(model, 0.001),
+                             ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, 50, 0.001, 1.0, 1)
     (h,) = history
     # per-batch fractions are float32, as Theano's floatX mean was: rel 1e-6
     assert h["val_err"] == pytest.approx(15.0, rel=1e-6)  # (10/50 + 5/50) / 2 * 100

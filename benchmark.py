@@ -1,15 +1,29 @@
-"""Seconds per training epoch of a BinaryConnect network: this project's modules against a plain
-eager PyTorch step of the same math (hand-written tensors, no modules), in one process.
+"""Milliseconds per training step of the paper's networks, this project's training step against a
+plain eager PyTorch step of the same math, in one process on one device.
 
-    python benchmark.py                      # MNIST 3x2048 MLP, batch 100, on cuda if present
-    python benchmark.py --net=cifar10        # the CIFAR-10 CNN, batch 50
-    python benchmark.py --steps=20 --repeats=3 --device=cpu
+    python benchmark.py                          # the three nets, on cuda if present, else cpu
+    python benchmark.py --nets=mnist --steps=20 --repeats=3 --device=cpu
+    python benchmark.py --nets=cifar10 --precisions=fp32,tf32,bf16
 
-The two are timed alternately, `repeats` times each, and the best of each is kept (these machines
-are noisy; the ratio is what counts). An epoch is extrapolated from `steps` steps: 500 steps for
-MNIST (50000/100), 900 for CIFAR-10 (45000/50).
+For each net (MNIST 3x2048 MLP, batch 100; CIFAR-10 CNN, batch 50; SVHN CNN, batch 50) it times:
+  plain       the same math written out as plain tensors (no modules): the reference;
+  eager       this project's modules, run eagerly (--compile=false);
+  fast-<p>    this project's fast step (--compile=true: compiled; on CUDA also captured as a CUDA
+              graph) in precision p (fp32, tf32, bf16).
+Each variant is built afresh from the same seed and timed `repeats` times, alternating with the
+others, over `steps` steps after its warm-up (compiling included there, not in the timing); the
+best time of each is kept (these machines are noisy: the ratios are what count). An evaluation
+pass over validation + test images is timed too, to project the minutes of a full run: epochs x
+(steps per epoch x step time + evaluation of both sets; the test set is evaluated only on
+improving epochs, so this overestimates).
+
+The last line for each net is a parseable summary:
+  SUMMARY net=mnist device=cpu plain_ms=... eager_ms=... fast_fp32_ms=... ratio_fast_fp32=...
 """
 import argparse
+import contextlib
+import importlib
+import io
 import math
 import time
 
@@ -18,27 +32,13 @@ import torch
 import torch.nn.functional as F
 
 import binary_connect
-from models import cnn, mlp
+import training
+from configurator import hyperparameters
 
-NETS = dict(mnist=dict(batch_size=100, steps_per_epoch=500, shape=(1, 28, 28)),
-            cifar10=dict(batch_size=50, steps_per_epoch=900, shape=(3, 32, 32)),
-            svhn=dict(batch_size=50, steps_per_epoch=11967, shape=(3, 32, 32)))
-
-
-def build(net):
-    if net == "mnist":
-        return mlp(num_units=2048, n_hidden_layers=3)
-    return cnn(widths=(128, 256, 512) if net == "cifar10" else (64, 128, 256))
-
-
-def project_step(model, optimizer):
-    def step(x, t):
-        loss = binary_connect.squared_hinge_loss(model(x), t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-    return step
+# What a full run of each script does: steps per epoch, epochs, images evaluated per epoch.
+NETS = dict(mnist=dict(steps_per_epoch=500, epochs=250, eval_images=20000),
+            cifar10=dict(steps_per_epoch=900, epochs=500, eval_images=15000),
+            svhn=dict(steps_per_epoch=11967, epochs=200, eval_images=32032))
 
 
 def plain_step(model, LR=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
@@ -110,52 +110,139 @@ def plain_step(model, LR=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     return step
 
 
-def time_steps(step, data, steps, device):
-    x, t = data
-    step(x[0], t[0])  # warm-up
+def _sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(x[i % len(x)], t[i % len(t)])
-    float(loss)  # one sync at the end, as the training loop does
-    return (time.perf_counter() - start) / steps
+        torch.cuda.synchronize(device)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--net", choices=sorted(NETS), default="mnist")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    spec = NETS[args.net]
-    np.random.seed(1234)
-    model = build(args.net).to(device)
-    optimizer = binary_connect.make_optimizer(model, 1e-3)
-    baseline = plain_step(model)
-    model.train()
-    g = torch.Generator(device=device).manual_seed(0)
-    n = 8
-    x = torch.randn((n, spec["batch_size"]) + spec["shape"], generator=g, device=device)
-    labels = torch.randint(0, 10, (n, spec["batch_size"]), generator=g, device=device)
-    t = 2 * F.one_hot(labels, 10).float() - 1
-    ours, plain = [], []
-    for _ in range(args.repeats):
-        ours.append(time_steps(project_step(model, optimizer), (x, t), args.steps, device))
-        plain.append(time_steps(baseline, (x, t), args.steps, device))
-    per_epoch = spec["steps_per_epoch"]
-    o, p = min(ours) * per_epoch, min(plain) * per_epoch
+class Variant:
+    """One way of running the training step, on its own fresh copy of the network."""
+
+    def __init__(self, name, net, device, data, steps, mode=None, precision="fp32"):
+        self.name, self.device, self.steps, self.precision = name, device, steps, precision
+        script = importlib.import_module(net)
+        c = hyperparameters(vars(script))
+        np.random.seed(c["seed"])
+        self.model = script.build_model(c).to(device)
+        self.batch_size = c["batch_size"]
+        X, t = data
+        if mode is None:  # the plain reference
+            self.model.train()
+            plain = plain_step(self.model)
+            batches = list(zip(X.split(self.batch_size), t.split(self.batch_size)))
+            self.run = lambda: [plain(x, y) for x, y in batches]
+            return
+        with contextlib.redirect_stdout(io.StringIO()):  # the layers' W_LR_scale / H lines
+            optimizer = binary_connect.make_optimizer(self.model, c["LR_start"])
+        split = training.Split(X.cpu().numpy(), t.cpu().numpy(), device)
+        training.set_stream_kind(self.model, "generator" if mode == "eager" else "counter")
+        self.step = training.TrainStep(self.model, optimizer, split, self.batch_size,
+                                       mode=mode, precision=precision)
+        self.model.train()
+        order = np.arange(split.n)
+
+        def run():
+            self.model.train()
+            self.step.start_epoch(order)
+            for _ in range(self.steps):
+                self.step()
+        self.run = run
+
+    def time(self):
+        """Seconds per step over `steps` steps (one sync at the end, as the training loop)."""
+        training.set_precision(self.precision, self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        self.run()
+        _sync(self.device)
+        return (time.perf_counter() - start) / self.steps
+
+    def eval_seconds_per_image(self, X, t):
+        if not hasattr(self, "step"):
+            return None
+        split = training.Split(X.cpu().numpy(), t.cpu().numpy(), self.device)
+        with training.autocast(self.precision, self.device):
+            training.evaluate(self.model, split, self.batch_size, forward=self.step.forward)
+            _sync(self.device)
+            start = time.perf_counter()
+            training.evaluate(self.model, split, self.batch_size, forward=self.step.forward)
+            _sync(self.device)
+        return (time.perf_counter() - start) / split.n
+
+
+def benchmark(net, device, steps, repeats, precisions):
+    spec = NETS[net]
+    script = importlib.import_module(net)
+    c = hyperparameters(vars(script))
+    shape = (1, 28, 28) if net == "mnist" else (3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    n = steps * c["batch_size"]
+    X = torch.randn((n,) + shape, generator=g)
+    t = 2 * F.one_hot(torch.randint(0, 10, (n,), generator=g), 10).float() - 1
+    X_eval = torch.randn((2 * training.EVAL_ROWS,) + shape, generator=g)
+    t_eval = 2 * F.one_hot(torch.randint(0, 10, (len(X_eval),), generator=g), 10).float() - 1
+    variants = [Variant("plain", net, device, (X.to(device), t.to(device)), steps),
+                Variant("eager", net, device, (X, t), steps, mode="eager")]
+    fast = "graph" if device.type == "cuda" else "compiled"
+    for p in precisions:
+        variants.append(Variant(f"fast_{p}", net, device, (X, t), steps, mode=fast, precision=p))
+    for v in variants:  # warm-up: compiling, capturing, caches
+        start = time.perf_counter()
+        v.run()
+        v.run()
+        _sync(device)
+        print(f"  {net}: {v.name} warmed up in {time.perf_counter() - start:.1f} s", flush=True)
+    best = {v.name: math.inf for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            best[v.name] = min(best[v.name], v.time())
+    eval_per_image = {v.name: v.eval_seconds_per_image(X_eval, t_eval) for v in variants}
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.net} on {device} ({name}), {torch.get_num_threads()} threads, batch "
-          f"{spec['batch_size']}, {per_epoch} steps per epoch (training steps only):")
-    print(f"  this project : {o:9.2f} s/epoch  ({min(ours) * 1e3:.2f} ms/step)")
-    print(f"  plain eager  : {p:9.2f} s/epoch  ({min(plain) * 1e3:.2f} ms/step)")
-    print(f"  ratio plain/project: {p / o:.3f}")
+    print(f"{net} on {device} ({name}), {torch.get_num_threads()} threads, batch "
+          f"{c['batch_size']}, {spec['steps_per_epoch']} steps per epoch, {spec['epochs']} epochs:")
+    print(f"  {'variant':<11}{'ms/step':>9}{'plain/this':>12}{'full run (min)':>16}")
+    summary = [f"SUMMARY net={net} device={device.type}"]
+    for v in variants:
+        ms = best[v.name] * 1e3
+        ratio = best["plain"] / best[v.name]
+        per_image = eval_per_image[v.name] if eval_per_image[v.name] is not None else \
+            eval_per_image["eager"]
+        minutes = spec["epochs"] * (spec["steps_per_epoch"] * best[v.name]
+                                    + spec["eval_images"] * per_image) / 60
+        print(f"  {v.name:<11}{ms:9.2f}{ratio:12.3f}{minutes:16.1f}")
+        summary += [f"{v.name}_ms={ms:.3f}", f"ratio_{v.name}={ratio:.3f}",
+                    f"full_run_min_{v.name}={minutes:.1f}"]
+    print(" ".join(summary), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="The summary line per net: SUMMARY net=... device=... <variant>_ms=... "
+               "ratio_<variant>=... full_run_min_<variant>=...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--nets", default="mnist,cifar10,svhn",
+                        help="comma-separated, among mnist, cifar10, svhn")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per variant (best kept)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated among fp32, tf32, bf16 (default: fp32 on the CPU, "
+                             "all three on CUDA)")
+    args = parser.parse_args(argv)
+    nets = args.nets.split(",")
+    if unknown := [n for n in nets if n not in NETS]:
+        parser.error(f"--nets: unknown {', '.join(unknown)}; choose among {', '.join(NETS)}")
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
+    device = training.select_device(args.device)
+    precisions = (args.precisions or ("fp32,tf32,bf16" if device.type == "cuda" else "fp32")
+                  ).split(",")
+    if unknown := [p for p in precisions if p not in ("fp32", "tf32", "bf16")]:
+        parser.error(f"--precisions: unknown {', '.join(unknown)}; choose among fp32, tf32, bf16")
+    for net in nets:
+        benchmark(net, device, args.steps, args.repeats, precisions)
 
 
 if __name__ == "__main__":

@@ -221,14 +221,15 @@ class _Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults):
         super().__init__(params, dict(defaults, W_LR_scale=1., H=None))
-        first = self.param_groups[0]["params"][0]
-        self.LR = torch.tensor(self.defaults["lr"], dtype=torch.float64, device=first.device)
-        self._scales = {}
-        for p in self._params():
+        self._all = [p for g in self.param_groups for p in g["params"]]
+        device = self._all[0].device
+        self.LR = torch.tensor(self.defaults["lr"], dtype=torch.float64, device=device)
+        # Per-parameter constants made once, on the device: a captured step copies nothing in.
+        self._scale = torch.tensor([g["W_LR_scale"] for g in self.param_groups
+                                    for _ in g["params"]], dtype=torch.float64, device=device)
+        self._H = [g["H"] for g in self.param_groups for _ in g["params"]]
+        for p in self._all:
             self._init_state(self.state[p], p)
-
-    def _params(self):
-        return [p for g in self.param_groups for p in g["params"]]
 
     def set_learning_rate(self, LR):
         """Once per epoch (§4.1); a fill, so a captured step sees it without a host sync."""
@@ -236,38 +237,36 @@ class _Optimizer(torch.optim.Optimizer):
             group["lr"] = LR
         self.LR.fill_(LR)
 
+    def step(self):
+        """One update from each p.grad; parameters without a gradient stay as they are."""
+        self._apply([i for i, p in enumerate(self._all) if p.grad is not None],
+                    [p.grad for p in self._all if p.grad is not None])
+
+    def update(self, grads):
+        """One update of every parameter, `grads` in group order: what the training step calls
+        (step() is wrapped in torch.optim's profiler hook, which a compiled step cannot trace)."""
+        self._apply(range(len(self._all)), grads)
+
     @torch.no_grad()
-    def step(self, grads=None):
-        """One update; `grads` (one per parameter, in group order) or else each p.grad."""
-        params, scales, clip = [], [], []
-        for g in self.param_groups:
-            params += g["params"]
-            scales += [g["W_LR_scale"]] * len(g["params"])
-            clip += [g["H"]] * len(g["params"])
-        if grads is None:
-            keep = [i for i, p in enumerate(params) if p.grad is not None]
-            params, scales, clip = ([x[i] for i in keep] for x in (params, scales, clip))
-            grads = [p.grad for p in params]
-        if not params:
+    def _apply(self, indices, grads):
+        if not grads:
             return
+        params = [self._all[i] for i in indices]
         state = [self.state[p] for p in params]
         steps = [s["step"] for s in state]
         torch._foreach_add_(steps, 1)
-        self._update(params, grads, state, steps[0], scales)
-        clipped = [(p, H) for p, H in zip(params, clip) if H is not None]
-        if clipped:
-            W = [p for p, _ in clipped]
-            torch._foreach_clamp_min_(W, [-H for _, H in clipped])
-            torch._foreach_clamp_max_(W, [H for _, H in clipped])
+        self._update(params, grads, state, steps[0], indices)
+        clip = [i for i in indices if self._H[i] is not None]
+        if clip:
+            W = [self._all[i] for i in clip]
+            torch._foreach_clamp_min_(W, [-self._H[i] for i in clip])
+            torch._foreach_clamp_max_(W, [self._H[i] for i in clip])
 
-    def _scaled(self, t, size, scales, dtype):
-        """t[i] * (size * scales[i]), one 0-dim tensor per parameter, as a Python-float
-        `value=` of addcdiv_ would be: the product in float64, rounded once to the dtype."""
-        key = tuple(scales)
-        if key not in self._scales:  # made once: a host-to-device copy cannot be captured
-            self._scales[key] = torch.tensor(scales, dtype=torch.float64, device=size.device)
-        sizes = (size * self._scales[key]).to(dtype)
-        return torch._foreach_mul(t, list(sizes.unbind()))
+    def _scaled(self, t, size, indices, dtype):
+        """t[k] * (size * W_LR_scale of parameter indices[k]), one 0-dim tensor per parameter,
+        as a Python-float `value=` of addcdiv_ would be: the product in float64, rounded once."""
+        sizes = (size * self._scale).to(dtype).unbind()
+        return torch._foreach_mul(t, [sizes[i] for i in indices])
 
 
 class Adam(_Optimizer):
@@ -285,7 +284,7 @@ class Adam(_Optimizer):
         state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, params, grads, state, t, scales):
+    def _update(self, params, grads, state, t, indices):
         d = self.defaults
         beta1, beta2, eps = d["beta1"], d["beta2"], d["epsilon"]
         m, v = [s["m"] for s in state], [s["v"] for s in state]
@@ -295,7 +294,7 @@ class Adam(_Optimizer):
         torch._foreach_addcmul_(v, grads, grads, value=1. - beta2)
         a_t = self.LR * torch.sqrt(1. - beta2 ** t) / (1. - beta1 ** t)
         # p - (a_t * W_LR_scale) * m / (sqrt(v) + eps), in addcdiv_'s order of operations
-        step = self._scaled(m, a_t, scales, params[0].dtype)
+        step = self._scaled(m, a_t, indices, params[0].dtype)
         denominator = torch._foreach_sqrt(v)
         torch._foreach_add_(denominator, eps)
         torch._foreach_div_(step, denominator)
@@ -311,8 +310,8 @@ class SGD(_Optimizer):
     def _init_state(self, state, p):
         state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
 
-    def _update(self, params, grads, state, t, scales):
-        torch._foreach_sub_(params, self._scaled(grads, self.LR, scales, params[0].dtype))
+    def _update(self, params, grads, state, t, indices):
+        torch._foreach_sub_(params, self._scaled(grads, self.LR, indices, params[0].dtype))
 
 
 def make_optimizer(model, LR, optimizer="adam"):

@@ -426,10 +426,10 @@ class TrainStep:
     def _use(self, mode):
         self.mode = mode
         if mode == "eager":
-            self.forward, self.update = self.model, self.optimizer.step
+            self.forward, self.update = self.model, self.optimizer.update
         else:
             self.forward = torch.compile(self.model, dynamic=False)
-            self.update = torch.compile(self.optimizer.step, dynamic=False)
+            self.update = torch.compile(self.optimizer.update, dynamic=False)
 
     def start_epoch(self, order, batch=0, losses=None):
         self.order_host = np.asarray(order)
@@ -451,7 +451,9 @@ class TrainStep:
         with autocast(self.precision, self.data.device):
             output = self.forward(x)
         loss = squared_hinge_loss(output.float(), t, self.loss_reduction)
-        self.update(torch.autograd.grad(loss, self.params))
+        grads = torch.autograd.grad(loss, self.params)
+        with torch.no_grad():  # one grad mode at every call: no recompiling for it
+            self.update(grads)
         self.losses.index_copy_(0, self.i.view(1), loss.detach().view(1))
         self.i += 1
 

@@ -484,10 +484,12 @@ def np_train_step(layers, x, t, adam, LR, alpha):
 LR_NET = 0.03
 
 
-def _run_two_steps(order, dtype, sync_bias=False):
+def _run_two_steps(order, dtype, sync_bias=False, mode=None):
     """Two training steps of torch vs numpy. sync_bias: the dense bias before a training-mode
     BN has a zero gradient up to rounding, so Adam's step on float32 noise is arbitrary; numpy
-    then takes torch's bias after each step (it shifts only the BN running mean)."""
+    then takes torch's bias after each step (it shifts only the BN running mean).
+    mode: None calls the model and the optimizer directly; "eager" or "compiled" runs the steps
+    through training.TrainStep, the training loop's step."""
     rng = np.random.RandomState(11)
     N, n_in, n_out, eps, alpha, LR = 8, 5, 3, 1e-4, 0.15, LR_NET
     torch_layers, np_layers = [], []
@@ -524,15 +526,28 @@ def _run_two_steps(order, dtype, sync_bias=False):
     adam = NpAdam()
     model.train()
     total_clipped = 0
+    batches = []
     for step in range(2):  # t = 1 and t = 2
         x = rng.randn(N, n_in) * 2 + 0.5
         labels = rng.randint(0, n_out, N)
-        t = 2. * np.eye(n_out)[labels] - 1.
-        out = model(torch.from_numpy(x.astype(npdt)))
-        loss = bc.squared_hinge_loss(out, torch.from_numpy(t.astype(npdt)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        batches.append((x, 2. * np.eye(n_out)[labels] - 1.))
+    if mode is not None:
+        import training
+        split = training.Split(np.concatenate([x for x, _ in batches]).astype(npdt),
+                               np.concatenate([t for _, t in batches]), torch.device("cpu"))
+        split.y = split.y.to(dtype)
+        train_step = training.TrainStep(model, opt, split, N, mode=mode)
+        train_step.start_epoch(np.arange(2 * N))
+    for step, (x, t) in enumerate(batches):
+        if mode is None:
+            out = model(torch.from_numpy(x.astype(npdt)))
+            loss = bc.squared_hinge_loss(out, torch.from_numpy(t.astype(npdt)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        else:
+            train_step()
+            loss = train_step.losses[step]
         np_loss, clipped = np_train_step(np_layers, x, t, adam, LR, alpha)
         total_clipped += clipped
         if sync_bias:
@@ -581,6 +596,18 @@ def test_two_updates_of_bn_dense_net_match_numpy_spec(dtype):
     # BN first, so the dense bias has a real gradient: unscaled, unclipped LR (§2.3)
     torch_layers, np_layers, clipped = _run_two_steps(["bn", "dense"], dtype)
     _compare(torch_layers, np_layers, dtype)
+    assert clipped > 0
+
+
+@pytest.mark.slow  # compiles (about 20 s per network on 2 cores)
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("order", [["dense", "bn"], ["bn", "dense"]])
+def test_two_updates_through_the_training_step_match_numpy_spec(mode, order):
+    # The same SPEC check through training.TrainStep: the loop's step, eager and compiled.
+    dense_first = order[0] == "dense"
+    torch_layers, np_layers, clipped = _run_two_steps(order, torch.float32,
+                                                      sync_bias=dense_first, mode=mode)
+    _compare(torch_layers, np_layers, torch.float32, skip=("b",) if dense_first else ())
     assert clipped > 0
 
 

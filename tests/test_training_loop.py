@@ -116,12 +116,12 @@ def test_lr_of_epoch_e_is_start_times_decay_to_e_minus_1(new_run):
     LR_start, decay, epochs, batch = 0.01, 0.9, 3, 10
     opt = bc.make_optimizer(model, LR_start)
     seen = []
-    step = opt.step
+    update = opt.update
 
-    def recording_step(*grads):
+    def recording_update(grads):
         seen.append([g["lr"] for g in opt.param_groups])
-        step(*grads)
-    opt.step = recording_step
+        update(grads)
+    opt.update = recording_update
 
     history = training.train(model, opt, ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, batch,
                              LR_start, decay, epochs)
@@ -154,12 +154,12 @@ def test_test_set_evaluated_only_when_validation_ties_or_improves(new_run, monke
     val_errs = [100.0, 60.0, 60.0, 70.0, 50.0, 50.0, 55.0]  # 100 ties the initial best
     state = dict(trained=False, epoch=0)
     test_calls = []
-    step = opt.step
+    update = opt.update
 
-    def marking_step(*grads):
+    def marking_update(grads):
         state["trained"] = True
-        step(*grads)
-    opt.step = marking_step
+        update(grads)
+    opt.update = marking_update
 
     def fake_evaluate(model_, split, batch_size, *args, **kwargs):
         assert model_ is model and batch_size == 10

@@ -125,20 +125,28 @@ def _state(model, optimizer):
     return out
 
 
-def _run(kind, stochastic, mode, steps=2):
+def _run(kind, stochastic, mode, steps=2, device=CPU, precision="fp32"):
     model, shape = _network(kind, stochastic)
+    model.to(device)
     optimizer = quiet(bc.make_optimizer, model, 0.01)
     rng = np.random.RandomState(5)
     n, batch = 40, 20
     X = rng.randn(n, *shape).astype(np.float32)
     t = (2. * np.eye(10)[rng.randint(0, 10, n)] - 1.).astype(np.float32)
     training.set_stream_kind(model, "counter")  # both paths draw the same numbers
-    step = training.TrainStep(model, optimizer, training.Split(X, t, CPU), batch, mode=mode)
+    training.set_precision(precision, device)
+    step = training.TrainStep(model, optimizer, training.Split(X, t, device), batch, mode=mode,
+                              precision=precision)
     model.train()
-    step.start_epoch(np.arange(n)[::-1].copy())
-    for _ in range(steps):
-        step()
-    return step.losses.clone(), _state(model, optimizer), step.mode
+    losses = []
+    for epoch in range(-(-steps // (n // batch))):  # several epochs: the order changes
+        optimizer.set_learning_rate(0.01 * 0.5 ** epoch)
+        step.start_epoch(np.random.RandomState(epoch).permutation(n))
+        for _ in range(min(n // batch, steps - epoch * (n // batch))):
+            step()
+        losses.append(step.losses.clone())
+    return torch.cat(losses).cpu(), {k: v.cpu() for k, v in _state(model, optimizer).items()}, \
+        step.mode
 
 
 @pytest.mark.slow  # compiles

@@ -200,6 +200,15 @@ def test_signal_checkpoints_mid_epoch_and_resume_is_exact(work, reference, inter
     assert without_seconds(metrics(out)) == without_seconds(expected)
 
 
+def test_a_resumed_epoch_reports_the_time_of_the_whole_epoch(work, interrupted, tmp_path):
+    source, _ = interrupted("SIGINT", 3, 2)
+    elapsed = load(source / "last.pt")["elapsed"]  # epoch 3's part before the signal
+    assert elapsed > 0
+    out = resumable_copy(source, tmp_path)
+    check_ok(run_mnist(work, out, resume=True))
+    assert metrics(out)[2]["seconds"] >= elapsed
+
+
 def test_signal_during_evaluation_stops_after_the_epoch_checkpoint(work, reference, tmp_path):
     _, _, expected = reference(True)
     out = tmp_path / "b"

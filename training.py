@@ -119,9 +119,13 @@ class Run:
             sys.stdout = sys.stdout.stream
         if self.resume:
             return
-        for directory in self.created:
-            shutil.rmtree(directory, ignore_errors=True) if directory == self.out_dir else \
-                _rmdir_if_empty(directory)
+        if self.out_dir in self.created:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+        else:  # a directory that was there before: only the files this start wrote go
+            for name in ("hparams.json", "log.txt", "metrics.jsonl"):
+                self.path(name).unlink(missing_ok=True)
+        for directory in self.created[1:]:
+            _rmdir_if_empty(directory)
 
 
 def _rmdir_if_empty(path):

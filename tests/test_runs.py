@@ -550,7 +550,10 @@ def test_a_start_that_failed_before_its_first_checkpoint_can_be_rerun(work, refe
     assert p.returncode != 0 and "t10k-images-idx3-ubyte.gz" in p.stderr
     assert "Traceback" not in p.stderr
     assert not out.exists()  # a start that failed before its first epoch leaves nothing behind
-    out.mkdir()  # nor does a directory left empty by something else stop a new start
+    out.mkdir()  # in a directory that was there before, only the files it wrote go
+    (out / "notes.txt").write_text("mine")
+    p = run_mnist(work, out, data_dir=str(tmp_path / "no-data"))
+    assert p.returncode != 0 and sorted(q.name for q in out.iterdir()) == ["notes.txt"]
     p = run_mnist(work, out)
     check_ok(p)
     assert without_seconds(metrics(out)) == without_seconds(expected)

@@ -1,0 +1,294 @@
+"""The paper's Table 2 rebuilt from finished runs: test error, mean ± std over seeds.
+
+    python results.py runs/table2 [RUN_DIR ...] [--format=markdown|csv|latex]
+
+Each argument is a run directory or any folder above some (a sweep directory); every folder with
+an hparams.json below it is a run. A run is finished when its metrics.jsonl has the line of its
+last epoch (num_epochs); its test error is the one at the best-validation epoch (the "test_err"
+of that last line, as the script's report gives it). Runs are grouped by their hyperparameters
+other than the seed and where things are (NOT_IN_ROW); each group is one row: the mean, the
+sample std (n - 1) and n, beside the paper's number. The row is named by what its hyperparameters
+make it (binary, stochastic, dropout; the MNIST protocol), not by its directory names. Unfinished
+runs are listed under the table, not averaged.
+"""
+import argparse
+import csv
+import io
+import json
+import runpy
+import statistics
+import sys
+from pathlib import Path
+
+from configurator import hyperparameters
+
+ROOT = Path(__file__).resolve().parent
+DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR-10", "svhn": "SVHN"}
+VARIANTS = ["No regularizer", "BinaryConnect (det.)", "BinaryConnect (stoch.)", "50% Dropout"]
+
+# The paper's Table 2 (SPEC §8.4), with its marks: (C) corroborated, (R) recalled, not yet checked
+# against the PDF. The MNIST numbers come from the paper's own protocol (config/mnist_paper_*.py).
+PAPER = {
+    ("mnist", "No regularizer"): "1.30 ± 0.04 (R)",
+    ("mnist", "BinaryConnect (det.)"): "1.29 ± 0.08 (C)",
+    ("mnist", "BinaryConnect (stoch.)"): "1.18 ± 0.04 (1.18 C, ± R)",
+    ("mnist", "50% Dropout"): "1.01 ± 0.04 (R)",
+    ("cifar10", "No regularizer"): "10.64 (C)",
+    ("cifar10", "BinaryConnect (det.)"): "9.90 (C)",
+    ("cifar10", "BinaryConnect (stoch.)"): "8.27 (C)",
+    ("svhn", "No regularizer"): "2.44 (R)",
+    ("svhn", "BinaryConnect (det.)"): "2.30 (C)",
+    ("svhn", "BinaryConnect (stoch.)"): "2.15 (C)",
+}
+
+# These do not split a row: where things are (paths, device), the seed that the row averages over,
+# and settings that do not change what is computed: verify_checksums only checks the files, and
+# compile runs the same float32 math (at most in another rounding order). precision does change
+# the arithmetic (bf16 products), so it stays in the row's key.
+NOT_IN_ROW = {"seed", "out_dir", "resume", "data_dir", "SVHN_LOCAL_PATH", "device", "compile",
+              "verify_checksums"}
+# These name the row (its variant); the others that differ from the protocol are listed beside it.
+VARIANT_KEYS = {"binary", "stochastic", "dropout_in", "dropout_hidden"}
+# The paper's MNIST protocol is these settings of config/mnist_paper_stoch_bc.py.
+PAPER_MNIST = ROOT / "config" / "mnist_paper_stoch_bc.py"
+
+
+def normal(value):
+    """One spelling per value: "1" from a command line and 1.0 from a config file are one value."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def defaults(script, cache={}):
+    """The script's hyperparameters as it defines them: runs recorded before a hyperparameter
+    existed are read as having its default."""
+    if script not in cache:
+        path = ROOT / f"{script}.py"
+        cache[script] = hyperparameters(runpy.run_path(str(path), run_name=script))
+    return cache[script]
+
+
+def paper_mnist_protocol():
+    scope = {}
+    exec(PAPER_MNIST.read_text(), {}, scope)
+    return {**defaults("mnist"), **hyperparameters(scope)}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished(metrics, num_epochs):
+    return any(m.get("epoch") == num_epochs for m in metrics)
+
+
+def run_is_finished(run_dir):
+    """For sweep.py: has this run directory trained its last epoch?"""
+    run_dir = Path(run_dir)
+    try:
+        num_epochs = json.loads((run_dir / "hparams.json").read_text())["hparams"]["num_epochs"]
+        return finished(read_jsonl(run_dir / "metrics.jsonl"), num_epochs)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def load_run(run_dir):
+    record = json.loads((run_dir / "hparams.json").read_text())
+    hp = {**defaults(record["script"]), **record["hparams"]}
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    records = [record] + read_jsonl(run_dir / "resumes.jsonl")  # one per start or resume
+    return dict(dir=run_dir, script=record["script"], hparams=hp, metrics=metrics,
+                finished=finished(metrics, hp["num_epochs"]),
+                hours=sum(m["seconds"] for m in metrics) / 3600,
+                # a run resumed elsewhere: its epochs' devices are not recorded one by one
+                devices=" + ".join(sorted({r.get("device") or "?" for r in records})),
+                commits=sorted({(r.get("git_commit") or "no git")[:10]
+                                + (" (dirty)" if r.get("git_dirty") else "") for r in records}))
+
+
+def variant(hp):
+    """The Table 2 row these hyperparameters make."""
+    dropout = ""
+    if hp.get("dropout_hidden") or hp.get("dropout_in"):
+        dropout = f"{hp.get('dropout_hidden', 0):.0%} Dropout"
+        if hp.get("dropout_in"):
+            dropout += f" (inputs {hp['dropout_in']:.0%})"
+    if not hp["binary"]:
+        return dropout or "No regularizer"
+    bc = "BinaryConnect (stoch.)" if hp["stochastic"] else "BinaryConnect (det.)"
+    return bc + (f" + {dropout}" if dropout else "")
+
+
+def protocol_and_settings(script, hp):
+    """Which protocol the run follows (for MNIST: the lasagne script's or the paper's, §9) and the
+    hyperparameters in which it departs from it, e.g. a reduced num_epochs."""
+    def departures(base):
+        return {k: v for k, v in hp.items() if k not in NOT_IN_ROW | VARIANT_KEYS
+                and normal(v) != normal(base.get(k))}
+    lasagne = departures(defaults(script))
+    if script == "mnist":
+        paper = departures(paper_mnist_protocol())
+        if len(paper) < len(lasagne):
+            return "paper §9", paper
+    return "lasagne", lasagne
+
+
+def group(runs):
+    """Rows: runs with the same script and hyperparameters but for NOT_IN_ROW."""
+    rows = {}
+    for run in runs:
+        hp = run["hparams"]
+        key = (run["script"], tuple(sorted((k, repr(normal(v))) for k, v in hp.items()
+                                           if k not in NOT_IN_ROW)))
+        rows.setdefault(key, []).append(run)
+    table = []
+    for (script, _), members in rows.items():
+        hp = members[0]["hparams"]
+        protocol, settings = protocol_and_settings(script, hp)
+        errors = [r["metrics"][-1]["test_err"] for r in members]
+        name = variant(hp)
+        table.append(dict(
+            dataset=script, protocol=protocol, variant=name,
+            settings=", ".join(f"{k}={v}" for k, v in settings.items()),
+            mean=statistics.mean(errors),
+            std=statistics.stdev(errors) if len(errors) > 1 else None,
+            n=len(errors), seeds=sorted(r["hparams"]["seed"] for r in members),
+            paper=PAPER.get((script, name), "—"),
+            # the paper's MNIST numbers came from its own protocol, not from the lasagne script
+            paper_note=script == "mnist" and protocol == "lasagne" and (script, name) in PAPER,
+            hours=sum(r["hours"] for r in members), run_hours=[r["hours"] for r in members],
+            monitor_step=hp.get("monitor_step", 1),
+            devices=[r["devices"] for r in members],
+            commits=sorted({c for r in members for c in r["commits"]})))
+    order = list(DATASETS)
+    table.sort(key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else 9,
+                              r["protocol"] != "paper §9",
+                              VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else 9,
+                              r["variant"], r["settings"]))
+    return table
+
+
+def find_runs(paths):
+    found, notes = {}, []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            sys.exit(f"results.py: {path} is not a directory")
+        for record in sorted(path.rglob("hparams.json")):
+            run_dir = record.parent.resolve()
+            if run_dir in found:
+                continue
+            try:
+                found[run_dir] = load_run(record.parent)
+            except (OSError, ValueError, KeyError) as e:
+                notes.append(f"skipped {record.parent}: unreadable ({type(e).__name__}: {e})")
+    return list(found.values()), notes
+
+
+def error_text(row):
+    if row["std"] is None:
+        return f"{row['mean']:.2f}"
+    return f"{row['mean']:.2f} ± {row['std']:.2f}"
+
+
+def paper(row):
+    return row["paper"] + (" †" if row["paper_note"] else "")
+
+
+def notes_for(rows, unfinished, notes):
+    lines = []
+    if rows:
+        by_device = {}
+        for row in rows:
+            for devices, hours in zip(row["devices"], row["run_hours"]):
+                by_device[devices] = by_device.get(devices, 0) + hours
+        lines.append(f"Training time (the epochs' seconds, summed): {sum(by_device.values()):.3f} "
+                     "h in all (" + "; ".join(f"{h:.3f} h on {d}" for d, h in
+                                              sorted(by_device.items())) + ").")
+        lines.append("Code: " + ", ".join(sorted({c for r in rows for c in r["commits"]})) + ".")
+    if any(row["monitor_step"] > 1 for row in rows):
+        lines.append("metrics.jsonl has a line only for the evaluated epochs (monitor_step > 1), "
+                     "so the time of the others is missing from these hours.")
+    for row in rows:
+        if len(set(row["seeds"])) < len(row["seeds"]):
+            lines.append(f"Warning: a seed appears twice in {DATASETS.get(row['dataset'])} "
+                         f"{row['variant']}: seeds {row['seeds']} (the same run counted twice?)")
+    if any(row["paper_note"] for row in rows):
+        lines.append("†: Table 2's MNIST numbers come from the paper's own protocol "
+                     "(config/mnist_paper_*.py, SPEC §9); for its mnist.py with stoch. BC the "
+                     "lasagne branch's README gives ~1.15 %.")
+    lines.append("Test error (%) at the best-validation epoch; mean ± sample std (n - 1) over "
+                 "seeds. Paper: Table 2 (C: corroborated; R: recalled, not checked against the "
+                 "PDF).")
+    for run in unfinished:
+        done = run["metrics"][-1]["epoch"] if run["metrics"] else 0
+        lines.append(f"Unfinished (not averaged): {run['dir']} (epoch {done} of "
+                     f"{run['hparams']['num_epochs']}, {variant(run['hparams'])})")
+    return lines + notes
+
+
+def markdown(rows, lines):
+    out = ["| dataset | protocol | method | settings | test error % | n | seeds | paper % "
+           "| hours |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {DATASETS.get(r['dataset'], r['dataset'])} | {r['protocol']} | "
+                   f"{r['variant']} | {r['settings'] or '—'} | {error_text(r)} | {r['n']} | "
+                   f"{','.join(map(str, r['seeds']))} | {paper(r)} | {r['hours']:.3f} |")
+    return "\n".join(out + [""] + lines) + "\n"
+
+
+def latex(rows, lines):
+    def tex(s):
+        return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%") \
+            .replace("&", "\\&").replace("#", "\\#").replace("±", "$\\pm$") \
+            .replace("†", "$^\\dagger$")
+    out = ["\\begin{tabular}{lllllrl}", "\\hline",
+           "Dataset & Protocol & Method & Settings & Test error (\\%) & $n$ & Paper (\\%) \\\\",
+           "\\hline"]
+    for r in rows:
+        cells = [DATASETS.get(r["dataset"], r["dataset"]), r["protocol"], r["variant"],
+                 r["settings"] or "---", error_text(r), str(r["n"]),
+                 paper(r)]
+        out.append(" & ".join(tex(c) for c in cells) + " \\\\")
+    out += ["\\hline", "\\end{tabular}"]
+    return "\n".join(out + ["% " + line for line in lines]) + "\n"
+
+
+def csv_text(rows, lines):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["dataset", "protocol", "method", "settings", "mean", "std", "n", "seeds",
+                     "paper", "hours", "devices", "commits"])
+    for r in rows:
+        writer.writerow([r["dataset"], r["protocol"], r["variant"], r["settings"], repr(r["mean"]),
+                         "" if r["std"] is None else repr(r["std"]), r["n"],
+                         " ".join(map(str, r["seeds"])), r["paper"], repr(r["hours"]),
+                         "; ".join(sorted(set(r["devices"]))), "; ".join(r["commits"])])
+    for line in lines:  # stdout stays a plain CSV; the notes go to stderr
+        print(line, file=sys.stderr)
+    return buffer.getvalue()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories, or folders above them (sweep directories)")
+    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    args = parser.parse_args(argv)
+    runs, notes = find_runs(args.run_dirs)
+    if not runs:
+        sys.exit("results.py: no run directories (with an hparams.json) under "
+                 + " ".join(args.run_dirs))
+    done = [r for r in runs if r["finished"]]
+    rows = group(done)
+    lines = notes_for(rows, [r for r in runs if not r["finished"]], notes)
+    print({"markdown": markdown, "csv": csv_text, "latex": latex}[args.format](rows, lines),
+          end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Run a grid of experiments (configs x seeds) as independent submitit jobs, and continue it.
+
+    python sweep.py runs/table2                      # Table 2's ten rows, seeds 1-6, here
+    python sweep.py runs/mnist --datasets=mnist --variants=det_bc,stoch_bc,no_reg --seeds=1-3 \\
+        --num_epochs=5                               # any --key=value goes to every run
+    python sweep.py runs/table2 --cluster=slurm --partition=gpu --time=1440
+    python sweep.py @grid.txt                        # arguments read from a file (# comments)
+
+The grid is a list of config/<dataset>_<variant>.py files times seeds. By default it is Table 2's
+rows: MNIST with the paper's own protocol (config/mnist_paper_*.py), CIFAR-10 and SVHN with the
+lasagne scripts; --datasets keeps those of some datasets, --variants gives the variants instead
+(`ls config/` lists them). Each run is what a user would type by hand, in its own directory:
+
+    python <dataset>.py config/<dataset>_<variant>.py --seed=S \\
+        --out_dir=SWEEP_DIR/<dataset>_<variant>/seedS [--key=value ...]
+
+Running the same command again continues the sweep: finished runs are skipped, a run with a
+checkpoint (last.pt) is continued with --resume (a killed, pre-empted or failed run), the others
+are started. A run that another process is running (it holds SWEEP_DIR/.../.lock) is left alone.
+
+Jobs go through submitit. --cluster=local (the default) runs them on this machine: one job per GPU
+(or --parallel jobs on the CPU), each running its share of the runs one after another; this command
+waits for them (Ctrl-C stops them at a checkpoint). --cluster=slurm submits one Slurm array job,
+one task per run, and returns; a task that reaches its time limit or is pre-empted checkpoints and
+is requeued. The job logs are in SWEEP_DIR/submitit/.
+"""
+import argparse
+import contextlib
+import fcntl
+import io
+import os
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import cloudpickle
+import submitit
+
+import configurator
+import results
+from results import run_is_finished
+
+# A job unpickles its Lane wherever it runs, maybe not in this directory: results' code (Lane
+# uses run_is_finished) travels inside the pickle rather than by module name.
+cloudpickle.register_pickle_by_value(results)
+
+ROOT = Path(__file__).resolve().parent
+DATASETS = ("mnist", "cifar10", "svhn")
+TABLE2 = {"mnist": ["paper_no_reg", "paper_det_bc", "paper_stoch_bc", "paper_dropout"],
+          "cifar10": ["no_reg", "det_bc", "stoch_bc"],
+          "svhn": ["no_reg", "det_bc", "stoch_bc"]}
+PER_RUN = ("seed", "out_dir", "resume")  # set by the sweep for each run, not by the user
+LOCK = ".lock"
+
+
+class Run(NamedTuple):
+    dataset: str
+    variant: str
+    seed: int
+    dir: str
+    overrides: tuple
+
+    def argv(self, resume=False):
+        """The command, as typed in this directory (the scripts by relative path when below it)."""
+        def here(path):
+            rel = os.path.relpath(path)
+            return str(path) if rel.startswith("..") else rel
+        return ([sys.executable, here(ROOT / f"{self.dataset}.py"),
+                 here(ROOT / "config" / f"{self.dataset}_{self.variant}.py"),
+                 f"--seed={self.seed}", f"--out_dir={self.dir}", *self.overrides]
+                + ([f"--resume={self.dir}"] if resume else []))
+
+
+def shown(argv):
+    return shlex.join(["python", *argv[1:]])
+
+
+def fail(message):
+    print(f"sweep.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def variants_of(dataset):
+    return sorted(p.stem[len(dataset) + 1:] for p in (ROOT / "config").glob(f"{dataset}_*.py"))
+
+
+def parse_seeds(text):
+    seeds = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not (low.isdigit() and (high.isdigit() or not dash)) or int(high or low) < int(low):
+            fail(f"bad --seeds={text}: {part!r} is not a seed or a range of seeds; "
+                 "e.g. --seeds=1-6 or 1,2,5")
+        seeds += range(int(low), int(high or low) + 1)
+    return sorted(set(seeds))
+
+
+def grid(datasets, variants):
+    """The (dataset, variant) pairs: Table 2's rows, or datasets x variants that have a config."""
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown:
+        fail(f"unknown dataset {', '.join(unknown)}; the datasets are {', '.join(DATASETS)}")
+    if not variants:
+        return [(d, v) for d in datasets for v in TABLE2[d]]
+    unknown = [v for v in variants if not any(v in variants_of(d) for d in datasets)]
+    if unknown:
+        known = sorted({v for d in datasets for v in variants_of(d)})
+        fail(f"unknown variant {', '.join(unknown)} for {', '.join(datasets)}; the variants are "
+             f"{', '.join(known)} (config/<dataset>_<variant>.py)")
+    pairs = []
+    for d in datasets:
+        for v in variants:
+            if v in variants_of(d):
+                pairs.append((d, v))
+            else:
+                print(f"note: no config/{d}_{v}.py, so no {d} {v} runs")
+    return pairs
+
+
+def held(run_dir):
+    """Is another process running this run? (It holds the run's lock; see Lane.run.)"""
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def progress(run_dir):
+    if not (Path(run_dir) / "last.pt").exists():
+        return "start"
+    return "done" if run_is_finished(run_dir) else "resume"
+
+
+def check(run, resume):
+    """The script's own configurator reads the command before anything is submitted: it names
+    unknown keys and bad values, and, for a run to resume or skip, a setting that differs from the
+    run's stored one (a sweep directory holds one experiment; use another for a new one)."""
+    defaults = runpy.run_path(str(ROOT / f"{run.dataset}.py"), run_name=run.dataset)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            configurator.configure(defaults, run.argv(resume)[2:])
+    except SystemExit as e:
+        message = str(e).removeprefix("error: ")
+        if resume:  # the directory holds a run already
+            fail(f"{run.dir} holds a run with other settings; a new experiment needs another "
+                 f"SWEEP_DIR ({message})")
+        fail(f"{run.dir}: {message}")
+
+
+def _ignore_usr2():
+    # Slurm's time-limit signal (USR2) goes to every process of the job; USR2 would end the
+    # script without a checkpoint. The job (Lane.checkpoint) sends it SIGTERM instead.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class Lane(submitit.helpers.Checkpointable):
+    """One submitit job: some runs, one after another, each as its own subprocess."""
+
+    def __init__(self, runs, cwd, threads=None):
+        self.runs, self.cwd, self.threads = runs, cwd, threads
+        self.child = None
+
+    def __call__(self):
+        exit_statuses = []
+        for run in self.runs:
+            rc = self.run(run)
+            exit_statuses.append((run.dir, rc))
+            if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                break  # stopped at a checkpoint: the sweep is being stopped
+        return exit_statuses
+
+    def run(self, run):
+        Path(run.dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(run.dir) / LOCK, "w") as lock:
+            # Waits while another process runs it, e.g. the script of this job before a requeue,
+            # still writing its checkpoint; then starts, resumes or skips it as it then stands.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            status = progress(run.dir)
+            if status == "done":
+                print(f"done: {run.dir}", flush=True)
+                return 0
+            argv = run.argv(resume=status == "resume")
+            print("+ " + shown(argv), flush=True)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if self.threads:
+                env["OMP_NUM_THREADS"] = str(self.threads)
+            # The child inherits the lock, which so lasts as long as either process does.
+            self.child = subprocess.Popen(argv, cwd=self.cwd, env=env, pass_fds=[lock.fileno()],
+                                          preexec_fn=_ignore_usr2)
+            return self.child.wait()
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on the time-limit or pre-emption signal: the script stops at a
+        checkpoint on SIGTERM, then the requeued job resumes it."""
+        if self.child is not None and self.child.returncode is None:
+            os.kill(self.child.pid, signal.SIGTERM)
+            for _ in range(240):  # WNOWAIT: look, without reaping what Popen.wait is waiting for
+                try:
+                    if os.waitid(os.P_PID, self.child.pid,
+                                 os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.5)
+        return submitit.helpers.DelayedSubmission(Lane(self.runs, self.cwd, self.threads))
+
+    __submitit_checkpoint__ = checkpoint  # the name submitit's newer documentation gives it
+
+
+def gpu_count():
+    import torch  # only here: it takes a second or two to import
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def slurm_parameters(args):
+    """SlurmExecutor's names (submitit/slurm/slurm.py _make_sbatch_string)."""
+    params = dict(job_name="binaryconnect", time=args.time or 24 * 60,
+                  gpus_per_node=args.gpus_per_job, cpus_per_task=args.cpus_per_job,
+                  signal_delay_s=120)  # time enough to write a CIFAR-10 checkpoint
+    if args.partition:
+        params["partition"] = args.partition
+    if args.parallel:
+        params["array_parallelism"] = args.parallel
+    for item in args.slurm:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--slurm={item}: write --slurm=KEY=VALUE, e.g. --slurm=account=myaccount")
+        params[key] = value
+    return params
+
+
+def submit_slurm(runs, args, folder):
+    try:
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(**slurm_parameters(args))
+    except (RuntimeError, ValueError) as e:
+        fail(str(e).splitlines()[0])
+    with executor.batch():  # one array job: a task per run
+        jobs = [executor.submit(Lane([run], os.getcwd())) for run in runs]
+    print(f"Submitted Slurm array job {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks); logs in "
+          f"{folder.parent}. Run this command again to see where the sweep stands.")
+
+
+def run_local(runs, args, folder):
+    """submitit's LocalExecutor starts every job it is given at once, each on the first
+    gpus_per_node GPUs (local.py, _submit_command). So: one job per GPU, pinned to it with
+    visible_gpus, or --parallel jobs on the CPU, each running its share of the runs in turn."""
+    gpus = gpu_count()
+    lanes = min(args.parallel or max(gpus, 1), len(runs))
+    threads = max(1, (os.cpu_count() or 1) // lanes) if not gpus and lanes > 1 else None
+    executor = submitit.LocalExecutor(folder=folder)
+    jobs = []
+    for i in range(lanes):
+        if gpus:
+            executor.update_parameters(timeout_min=args.time or 365 * 24 * 60, gpus_per_node=1,
+                                       visible_gpus=(i % gpus,))
+        else:
+            executor.update_parameters(timeout_min=args.time or 365 * 24 * 60, gpus_per_node=0)
+        jobs.append(executor.submit(Lane(runs[i::lanes], os.getcwd(), threads)))
+    where = f"{gpus} GPU(s)" if gpus else "the CPU"
+    print(f"Running {len(runs)} runs as {lanes} local job(s) on {where}; their output is in "
+          f"{folder.parent}/<job>/<job>_0_log.out, and each run's in its log.txt.", flush=True)
+    failed = []
+    try:
+        for job in jobs:
+            try:
+                for run_dir, rc in job.result():
+                    print(f"{'finished' if rc == 0 else f'stopped (exit status {rc})'}: {run_dir}",
+                          flush=True)
+                    failed += [run_dir] if rc else []
+            except submitit.core.utils.UncompletedJobError as e:
+                print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1]} (see "
+                      f"{job.paths.stderr})", flush=True)
+                failed.append(job.job_id)
+    except KeyboardInterrupt:
+        print("\nInterrupted: the runs stop at a checkpoint. Run the same command to continue.")
+        sys.exit(130)
+    if failed:
+        print(f"{len(failed)} run(s) or job(s) did not finish (their log.txt or job log says "
+              "why). Run the same command to continue.")
+        sys.exit(1)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def convert_arg_line_to_args(self, line):  # @file: any number of arguments a line, # comments
+        return shlex.split(line, comments=True)
+
+
+def main(argv=None):
+    parser = _ArgumentParser(description=__doc__, fromfile_prefix_chars="@", allow_abbrev=False,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             usage="%(prog)s SWEEP_DIR [options] [--key=value ...]")
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="where the run directories go")
+    parser.add_argument("--datasets", default=",".join(DATASETS),
+                        help="comma-separated: mnist,cifar10,svhn (default: all three)")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated variant names, e.g. det_bc,stoch_bc (default: "
+                             "Table 2's rows of each dataset)")
+    parser.add_argument("--seeds", default="1-6", help="e.g. 1-6 or 1,2,5 (default: 1-6)")
+    parser.add_argument("--cluster", choices=["local", "slurm"], default="local")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="jobs at once: local, default one per GPU or 1 on the CPU; Slurm, "
+                             "the array's parallelism (default: submitit's 256)")
+    parser.add_argument("--time", type=int, default=0,
+                        help="minutes per job before it is checkpointed and requeued (Slurm "
+                             "default 1440; local default no limit)")
+    parser.add_argument("--partition", default="", help="Slurm partition")
+    parser.add_argument("--gpus_per_job", type=int, default=1, help="Slurm (default 1)")
+    parser.add_argument("--cpus_per_job", type=int, default=8, help="Slurm (default 8)")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other SlurmExecutor parameter, e.g. --slurm=account=abc "
+                             "--slurm=qos=high --slurm=mem=32GB (repeatable)")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan; submit nothing")
+    args, overrides = parser.parse_known_args(argv)
+
+    for item in overrides:
+        key, sep, _ = item[2:].partition("=")
+        if not (item.startswith("--") and sep):
+            fail(f"unexpected argument {item!r}; hyperparameters for the runs are written "
+                 "--key=value")
+        if key in PER_RUN:
+            fail(f"{item}: the sweep sets --{key} for each run (use --seeds for the seeds)")
+    pairs = grid([d for d in args.datasets.split(",") if d],
+                 [v for v in args.variants.split(",") if v])
+    seeds = parse_seeds(args.seeds)
+    sweep_dir = Path(args.sweep_dir)
+    runs = [Run(d, v, s, str(sweep_dir / f"{d}_{v}" / f"seed{s}"), tuple(overrides))
+            for d, v in pairs for s in seeds]
+
+    plan = [(run, "running" if held(run.dir) else progress(run.dir)) for run in runs]
+    for run, status in plan:  # every command is checked before anything is printed or submitted
+        if status != "running":
+            check(run, resume=status != "start")  # a done run must be the run asked for, too
+    print(f"Sweep {sweep_dir}: {len(runs)} runs ({len(pairs)} config(s) x {len(seeds)} seed(s))")
+    for run, status in plan:
+        if status in ("start", "resume"):
+            print(f"  {status:<8}{shown(run.argv(resume=status == 'resume'))}")
+        else:
+            print(f"  {status:<8}{run.dir}"
+                  + ("  (another process is running it)" if status == "running" else ""))
+    counts = {s: sum(status == s for _, status in plan)
+              for s in ("start", "resume", "done", "running")}
+    print(f"{counts['start']} to start, {counts['resume']} to resume, {counts['done']} already "
+          f"done, {counts['running']} running elsewhere.", flush=True)
+    todo = [run for run, status in plan if status in ("start", "resume")]
+    if args.dry_run or not todo:
+        return
+    folder = sweep_dir / "submitit" / "%j"
+    if args.cluster == "slurm":
+        submit_slurm(todo, args, folder)
+    else:
+        run_local(todo, args, folder)
+
+
+if __name__ == "__main__":
+    main()

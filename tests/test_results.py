@@ -1,0 +1,153 @@
+"""results.py on hand-written run directories: rows named and grouped by their hyperparameters,
+mean ± sample std over seeds, unfinished runs listed and not averaged, the three formats."""
+import csv
+import io
+import json
+import runpy
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import configurator  # noqa: E402
+
+
+def defaults(script):
+    return configurator.hyperparameters(runpy.run_path(str(ROOT / f"{script}.py"),
+                                                       run_name="defaults"))
+
+
+def write_run(run_dir, script="mnist", errors=(1.5,), seconds=10., device="cpu",
+              commit="a" * 40, resumed_on=None, **hparams):
+    """A run directory as training.py leaves it: one metrics line per epoch done (len(errors))."""
+    run_dir.mkdir(parents=True)
+    hp = {**defaults(script), "out_dir": str(run_dir), **hparams}
+    record = dict(script=script, hparams=hp, git_commit=commit, git_dirty=False,
+                  versions={}, device=device, started="2026-01-01T00:00:00")
+    (run_dir / "hparams.json").write_text(json.dumps(record))
+    lines = [dict(epoch=e, test_err=err, seconds=seconds) for e, err in enumerate(errors, 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    if resumed_on:
+        (run_dir / "resumes.jsonl").write_text(json.dumps({**record, "device": resumed_on}) + "\n")
+
+
+def results(*args):
+    proc = subprocess.run([sys.executable, "results.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def csv_rows(*args):
+    proc = results(*args, "--format=csv")
+    return list(csv.DictReader(io.StringIO(proc.stdout))), proc.stderr
+
+
+def test_rows_mean_std_and_what_does_not_split_them(tmp_path):
+    # Misleading directory names: the rows come from the hyperparameters.
+    errs = {1: [3., 2.], 2: [2.5, 1.25], 3: [4., 1.5]}
+    for seed, e in errs.items():
+        write_run(tmp_path / "a" / f"mnist_stoch_bc{seed}", errors=e, seed=seed, num_epochs=2,
+                  stochastic=False, device="cuda" if seed == 1 else "cpu",  # not in the key
+                  data_dir=f"/data{seed}", compile="true" if seed == 2 else "auto")
+    rows, notes = csv_rows(tmp_path)
+    assert len(rows) == 1
+    row = rows[0]
+    final = [e[-1] for e in errs.values()]  # the best-validation epoch's test error
+    assert row["method"] == "BinaryConnect (det.)" and row["dataset"] == "mnist"
+    assert float(row["mean"]) == statistics.mean(final)
+    assert float(row["std"]) == statistics.stdev(final)  # n - 1
+    assert row["n"] == "3" and row["seeds"] == "1 2 3" and row["settings"] == "num_epochs=2"
+    assert float(row["hours"]) == 6 * 10. / 3600
+    assert "Unfinished" not in notes
+
+
+def test_hyperparameters_and_precision_split_rows(tmp_path):
+    write_run(tmp_path / "r1", seed=1, num_epochs=1)
+    write_run(tmp_path / "r2", seed=2, num_epochs=1, precision="bf16")
+    write_run(tmp_path / "r3", seed=3, num_epochs=1, LR_start=0.003)
+    rows, _ = csv_rows(tmp_path)
+    assert sorted(r["settings"] for r in rows) == [
+        "num_epochs=1", "num_epochs=1, LR_start=0.003", "num_epochs=1, precision=bf16"]
+    assert all(r["n"] == "1" and r["std"] == "" for r in rows)
+
+
+def test_unfinished_runs_are_listed_not_averaged(tmp_path):
+    write_run(tmp_path / "done1", errors=[2., 1.], seed=1, num_epochs=2)
+    write_run(tmp_path / "done2", errors=[2., 3.], seed=2, num_epochs=2)
+    write_run(tmp_path / "half", errors=[0.5], seed=3, num_epochs=2)
+    rows, notes = csv_rows(tmp_path)
+    assert len(rows) == 1 and float(rows[0]["mean"]) == 2. and rows[0]["n"] == "2"
+    assert f"Unfinished (not averaged): {tmp_path / 'half'} (epoch 1 of 2" in notes
+    table = results(tmp_path).stdout
+    assert "| 2.00 ± 1.41 | 2 | 1,2 |" in table and "Unfinished" in table
+
+
+def test_variants_protocols_and_the_papers_numbers(tmp_path):
+    scope = {}
+    exec((ROOT / "config" / "mnist_paper_stoch_bc.py").read_text(), {}, scope)
+    paper = configurator.hyperparameters(scope)
+    write_run(tmp_path / "1", seed=1, **{**paper, "num_epochs": 1})
+    write_run(tmp_path / "2", seed=1, num_epochs=1, binary=False, dropout_hidden=.5)
+    write_run(tmp_path / "3", seed=1, num_epochs=1, binary=False)
+    write_run(tmp_path / "4", script="cifar10", seed=1, num_epochs=1, stochastic=False)
+    write_run(tmp_path / "5", script="svhn", seed=1, num_epochs=1, binary=False)
+    rows, notes = csv_rows(tmp_path)
+    got = [(r["dataset"], r["protocol"], r["method"], r["settings"], r["paper"]) for r in rows]
+    assert got == [
+        ("mnist", "paper §9", "BinaryConnect (stoch.)", "num_epochs=1",
+         "1.18 ± 0.04 (1.18 C, ± R)"),
+        ("mnist", "lasagne", "No regularizer", "num_epochs=1", "1.30 ± 0.04 (R)"),
+        ("mnist", "lasagne", "50% Dropout", "num_epochs=1", "1.01 ± 0.04 (R)"),
+        ("cifar10", "lasagne", "BinaryConnect (det.)", "num_epochs=1", "9.90 (C)"),
+        ("svhn", "lasagne", "No regularizer", "num_epochs=1", "2.44 (R)")]
+    table = results(tmp_path).stdout
+    # the lasagne MNIST rows are marked: the paper's MNIST numbers came from its own protocol
+    assert "| 1.30 ± 0.04 (R) † |" in table and "| 1.18 ± 0.04 (1.18 C, ± R) |" in table
+
+
+def test_runs_from_before_a_hyperparameter_existed_take_its_default(tmp_path):
+    write_run(tmp_path / "new", seed=1, num_epochs=1)
+    write_run(tmp_path / "old", seed=2, num_epochs=1)
+    record = json.loads((tmp_path / "old" / "hparams.json").read_text())
+    del record["hparams"]["optimizer"], record["hparams"]["bn_form"]
+    (tmp_path / "old" / "hparams.json").write_text(json.dumps(record))
+    rows, _ = csv_rows(tmp_path)
+    assert len(rows) == 1 and rows[0]["n"] == "2"
+
+
+def test_devices_commits_and_hours(tmp_path):
+    write_run(tmp_path / "a", seed=1, num_epochs=1, seconds=1800., device="cuda (NVIDIA H200)",
+              commit="b" * 40)
+    write_run(tmp_path / "b", seed=2, num_epochs=1, seconds=3600., device="cpu",
+              resumed_on="cuda (NVIDIA H200)")
+    table = results(tmp_path).stdout
+    assert "| 1.500 |" in table  # hours of the row
+    # a run resumed on another device is labelled with both
+    assert ("1.500 h in all (1.000 h on cpu + cuda (NVIDIA H200); 0.500 h on cuda (NVIDIA H200))"
+            in table)
+    assert "Code: aaaaaaaaaa, bbbbbbbbbb." in table
+
+
+def test_a_sweep_directory_and_its_runs_count_once(tmp_path):
+    write_run(tmp_path / "sweep" / "x" / "seed1", seed=1, num_epochs=1)
+    rows, _ = csv_rows(tmp_path / "sweep", tmp_path / "sweep" / "x" / "seed1")
+    assert rows[0]["n"] == "1"
+
+
+def test_latex(tmp_path):
+    write_run(tmp_path / "a", errors=[1.], seed=1, num_epochs=1)
+    write_run(tmp_path / "b", errors=[2.], seed=2, num_epochs=1)
+    tex = results(tmp_path, "--format=latex").stdout
+    assert "\\begin{tabular}" in tex and "\\end{tabular}" in tex
+    assert ("MNIST & lasagne & BinaryConnect (stoch.) & num\\_epochs=1 & 1.50 $\\pm$ 0.71 & 2 & "
+            "1.18 $\\pm$ 0.04 (1.18 C, $\\pm$ R) $^\\dagger$ \\\\") in tex
+
+
+def test_no_runs_is_said(tmp_path):
+    proc = subprocess.run([sys.executable, "results.py", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "no run directories" in proc.stderr

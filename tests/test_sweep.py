@@ -1,0 +1,279 @@
+"""sweep.py: a grid of runs through submitit's LocalExecutor on generated data, continued after a
+real kill; results.py's table from it; the plan; and mistakes in the grid, named."""
+import csv
+import fcntl
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fake_data import write_fake_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sweep  # noqa: E402
+
+EPOCHS = 30  # enough epochs of tiny data for the kill to land in the middle of the first run
+SEEDS = (1, 2)
+VARIANTS = ("det_bc", "no_reg")
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+def metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def epochs_checkpointed(run_dir):
+    # metrics.jsonl is written after last.pt (training.CheckpointWriter)
+    return len(metrics(run_dir)) if (Path(run_dir) / "last.pt").exists() else 0
+
+
+@pytest.fixture(scope="module")
+def killed_sweep(tmp_path_factory):
+    """A 2 x 2 grid (2 variants x 2 seeds) of tiny MNIST runs on the CPU, killed with SIGKILL
+    (sweep, submitit job and training script: a lost machine) after the first run's first
+    checkpoint, then the same command twice more."""
+    root = tmp_path_factory.mktemp("sweep")
+    write_fake_mnist(root / "data", n_train=300, n_test=100)
+    sweep_dir = root / "sweep"
+    args = [str(sweep_dir), "--datasets=mnist", f"--variants={','.join(VARIANTS)}",
+            f"--seeds={','.join(map(str, SEEDS))}", f"--data_dir={root / 'data'}",
+            "--verify_checksums=False", "--train_set_size=200", "--num_units=8",
+            "--batch_size=50", f"--num_epochs={EPOCHS}", "--device=cpu", "--compile=false"]
+    first = sweep_dir / "mnist_det_bc" / "seed1"
+    with open(root / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "sweep.py", *args], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while epochs_checkpointed(first) < 1:
+        assert proc.poll() is None, (root / "first.log").read_text()
+        assert time.time() < deadline, "the first run never checkpointed an epoch"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # its own session: the sweep and all it started
+    proc.wait()
+    killed_at = epochs_checkpointed(first)
+    assert 1 <= killed_at < EPOCHS, "the first run finished before the kill: raise EPOCHS"
+    second = run("sweep.py", *args)
+    jobs_before = sorted((sweep_dir / "submitit").iterdir())
+    third = run("sweep.py", *args)
+    jobs_after = sorted((sweep_dir / "submitit").iterdir())
+    return SimpleNamespace(dir=sweep_dir, args=args, first=first, killed_at=killed_at,
+                           second=second, third=third, new_jobs=len(jobs_after) - len(jobs_before))
+
+
+@pytest.mark.slow
+def test_rerun_resumes_the_killed_run_and_starts_the_others(killed_sweep):
+    out = killed_sweep.second.stdout
+    assert killed_sweep.second.returncode == 0, out + killed_sweep.second.stderr
+    first = killed_sweep.first
+    assert (f"  resume  python mnist.py config/mnist_det_bc.py --seed=1 --out_dir={first} "
+            in out) and f"--resume={first}\n" in out
+    assert "1 to resume" in out and "3 to start" in out and "0 already done" in out
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            if (variant, seed) != ("det_bc", 1):
+                assert (f"  start   python mnist.py config/mnist_{variant}.py --seed={seed} "
+                        f"--out_dir={killed_sweep.dir / f'mnist_{variant}' / f'seed{seed}'} "
+                        in out)
+
+
+@pytest.mark.slow
+def test_every_run_finished_with_its_own_seed_and_variant(killed_sweep):
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            run_dir = killed_sweep.dir / f"mnist_{variant}" / f"seed{seed}"
+            assert [m["epoch"] for m in metrics(run_dir)] == list(range(1, EPOCHS + 1))
+            hparams = json.loads((run_dir / "hparams.json").read_text())["hparams"]
+            assert hparams["seed"] == seed and hparams["out_dir"] == str(run_dir)
+            assert hparams["binary"] is (variant == "det_bc") and hparams["num_units"] == 8
+
+
+@pytest.mark.slow
+def test_killed_run_was_continued_not_restarted(killed_sweep):
+    resumes = (killed_sweep.first / "resumes.jsonl").read_text().splitlines()
+    assert len(resumes) == 1 and json.loads(resumes[0])["hparams"]["resume"] == str(
+        killed_sweep.first)
+    log = (killed_sweep.first / "log.txt").read_text()
+    assert f"Resumed from {killed_sweep.first / 'last.pt'}: epoch {killed_sweep.killed_at} done" \
+        in log
+    for run_dir in killed_sweep.dir.glob("mnist_*/seed*"):
+        if run_dir != killed_sweep.first:
+            assert not (run_dir / "resumes.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_has_nothing_to_do(killed_sweep):
+    out = killed_sweep.third.stdout
+    assert killed_sweep.third.returncode == 0
+    assert "0 to start, 0 to resume, 4 already done, 0 running elsewhere." in out
+    assert killed_sweep.new_jobs == 0
+
+
+@pytest.mark.slow
+def test_changed_settings_in_a_finished_sweep_are_refused(killed_sweep):
+    args = [a for a in killed_sweep.args if not a.startswith("--num_epochs=")]
+    proc = run("sweep.py", *args, f"--num_epochs={EPOCHS + 5}", "--dry_run")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "holds a run with other settings" in proc.stderr and "num_epochs" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_results_table_from_the_sweep(killed_sweep):
+    proc = run("results.py", str(killed_sweep.dir), "--format=csv")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
+    assert set(rows) == {"BinaryConnect (det.)", "No regularizer"}
+    for variant, method in (("det_bc", "BinaryConnect (det.)"), ("no_reg", "No regularizer")):
+        errors = [metrics(killed_sweep.dir / f"mnist_{variant}" / f"seed{s}")[-1]["test_err"]
+                  for s in SEEDS]
+        row = rows[method]
+        assert float(row["mean"]) == pytest.approx(statistics.mean(errors), abs=1e-12)
+        assert float(row["std"]) == pytest.approx(statistics.stdev(errors), abs=1e-12)
+        assert row["n"] == "2" and row["seeds"] == "1 2" and row["devices"] == "cpu"
+        assert row["protocol"] == "lasagne" and f"num_epochs={EPOCHS}" in row["settings"]
+    table = run("results.py", str(killed_sweep.dir)).stdout
+    det = [line for line in table.splitlines() if "| BinaryConnect (det.) |" in line][0]
+    assert f"{float(rows['BinaryConnect (det.)']['mean']):.2f} ± " in det
+    assert "| 1.29 ± 0.08 (C) † |" in det
+    assert "Unfinished" not in table
+
+
+# The plan and its mistakes: fast, nothing is trained ---------------------------------------
+
+@pytest.mark.parametrize("args, named", [
+    (["--variants=det_bc,sotch_bc"], "sotch_bc"),
+    (["--datasets=mnist,mnsit"], "mnsit"),
+    (["--datasets=cifar10", "--variants=dropout"], "dropout"),
+    (["--seeds=1-x"], "1-x"),
+    (["--seeds=3-1"], "3-1"),
+    (["--seed=3"], "--seeds"),
+    (["--out_dir=elsewhere"], "--out_dir"),
+    (["--num_epochs", "5"], "--key=value"),
+    (["--datasets=mnist", "--variants=det_bc", "--num_unit=8"], "num_unit"),
+    (["--datasets=mnist", "--variants=det_bc", "--num_epochs=0"], "num_epochs"),
+])
+def test_bad_grid_is_named(tmp_path, args, named):
+    proc = run("sweep.py", str(tmp_path / "sweep"), *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("sweep.py: ") and named in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_default_grid_is_table2(tmp_path):
+    proc = run("sweep.py", str(tmp_path / "sweep"), "--dry_run")
+    assert proc.returncode == 0, proc.stderr
+    assert "60 runs (10 config(s) x 6 seed(s))" in proc.stdout
+    assert "60 to start, 0 to resume, 0 already done" in proc.stdout
+    for config in ["mnist_paper_no_reg", "mnist_paper_det_bc", "mnist_paper_stoch_bc",
+                   "mnist_paper_dropout", "cifar10_no_reg", "cifar10_det_bc", "cifar10_stoch_bc",
+                   "svhn_no_reg", "svhn_det_bc", "svhn_stoch_bc"]:
+        dataset = config.split("_")[0]
+        assert (f"  start   python {dataset}.py config/{config}.py --seed=6 "
+                f"--out_dir={tmp_path / 'sweep' / config / 'seed6'}\n") in proc.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_grid_file(tmp_path):
+    grid = tmp_path / "grid.txt"
+    grid.write_text("# two MNIST variants, two seeds\n--datasets=mnist --variants=det_bc,stoch_bc\n"
+                    "--seeds=1,2  # seeds\n\n--num_epochs=3\n")
+    proc = run("sweep.py", str(tmp_path / "sweep"), f"@{grid}", "--dry_run")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 runs (2 config(s) x 2 seed(s))" in proc.stdout
+    assert (f"python mnist.py config/mnist_stoch_bc.py --seed=2 "
+            f"--out_dir={tmp_path / 'sweep' / 'mnist_stoch_bc' / 'seed2'} --num_epochs=3\n"
+            in proc.stdout)
+
+
+def test_a_run_held_by_another_process_is_left_alone(tmp_path):
+    run_dir = tmp_path / "sweep" / "mnist_det_bc" / "seed1"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = run("sweep.py", str(tmp_path / "sweep"), "--datasets=mnist", "--variants=det_bc",
+                   "--seeds=1,2", "--dry_run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"  running {run_dir}  (another process is running it)" in proc.stdout
+    assert "1 to start, 0 to resume, 0 already done, 1 running elsewhere." in proc.stdout
+
+
+def test_slurm_parameters_make_a_valid_sbatch_file(tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+    args = SimpleNamespace(time=0, gpus_per_job=1, cpus_per_job=8, partition="gpu", parallel=4,
+                           slurm=["account=abc", "qos=high"])
+    text = _make_sbatch_string(command="true", folder=tmp_path / "%j", map_count=10,
+                               **sweep.slurm_parameters(args))
+    for line in ["--partition=gpu", "--time=1440", "--gpus-per-node=1", "--cpus-per-task=8",
+                 "--array=0-9%4", "--account=abc", "--qos=high", "--signal=USR2@120"]:
+        assert f"#SBATCH {line}\n" in text, line
+
+
+def test_slurm_without_slurm_says_so(tmp_path):
+    proc = run("sweep.py", str(tmp_path / "sweep"), "--cluster=slurm", "--datasets=mnist",
+               "--variants=det_bc", "--seeds=1")
+    assert proc.returncode == 2 and "srun" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_time_limit_checkpoints_the_run_and_the_requeued_job_continues_it(tmp_path):
+    """What submitit does on Slurm's time-limit or pre-emption signal (USR2), step by step: the
+    job's checkpoint() stops the script at a checkpoint (SIGTERM; the script itself ignores the
+    USR2 that Slurm sends every process) and returns the job to requeue, which resumes the run."""
+    import threading
+    write_fake_mnist(tmp_path / "data", n_train=300, n_test=100)
+    run_dir = tmp_path / "sweep" / "mnist_det_bc" / "seed1"
+    job = sweep.Run("mnist", "det_bc", 1, str(run_dir), (
+        f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False", "--train_set_size=200",
+        "--num_units=8", "--batch_size=50", "--num_epochs=100", "--device=cpu",
+        "--compile=false"))
+    lane = sweep.Lane([job], str(ROOT))
+    returned = []
+    thread = threading.Thread(target=lambda: returned.extend(lane()))
+    thread.start()
+    deadline = time.time() + 600
+    while epochs_checkpointed(run_dir) < 1:
+        assert thread.is_alive() and time.time() < deadline
+        time.sleep(0.02)
+    os.kill(lane.child.pid, signal.SIGUSR2)
+    time.sleep(0.5)
+    assert lane.child.poll() is None  # USR2 did not end the script
+    requeued = lane.checkpoint()
+    thread.join()
+    assert returned == [(str(run_dir), 128 + signal.SIGTERM)]
+    stopped_at = epochs_checkpointed(run_dir)
+    assert stopped_at < 100 and "SIGTERM received" in (run_dir / "log.txt").read_text()
+    assert requeued.function is not lane and requeued.function.child is None
+    assert requeued.result() == [(str(run_dir), 0)]  # the requeued job, run here
+    assert [m["epoch"] for m in metrics(run_dir)] == list(range(1, 101))
+    assert len((run_dir / "resumes.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_sweep_from_another_directory(tmp_path):
+    """The job unpickles and runs outside the repository; the commands name the scripts by path."""
+    write_fake_mnist(tmp_path / "data", n_train=300, n_test=100)
+    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "sweep", "--datasets=mnist",
+                           "--variants=stoch_bc", "--seeds=7", "--data_dir=data",
+                           "--verify_checksums=False", "--train_set_size=200", "--num_units=8",
+                           "--batch_size=50", "--num_epochs=1", "--device=cpu",
+                           "--compile=false"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (f"  start   python {ROOT / 'mnist.py'} {ROOT / 'config' / 'mnist_stoch_bc.py'} "
+            "--seed=7 --out_dir=sweep/mnist_stoch_bc/seed7 --data_dir=data " in proc.stdout)
+    assert metrics(tmp_path / "sweep" / "mnist_stoch_bc" / "seed7")[-1]["epoch"] == 1

@@ -1,9 +1,20 @@
 """Plots of BinaryConnect runs, after the paper's figures (SPEC section 8.5).
 
     python plot.py RUN_DIR [RUN_DIR ...] [--out=DIR] [--layer=0] [--checkpoint=best|last]
+    python plot.py --figures RUN_DIR [RUN_DIR ...] [--out=DIR] [--units=36]
 
-curves.png: Fig. 3 style, training loss dotted and validation error solid, one colour per run.
-weights_hist_<run>.png: Fig. 2 style histogram of one binary layer's real-valued weights.
+Per run (the first form):
+  curves.png                training loss (dotted, log scale, top panel) and validation error
+                            (solid, bottom panel) per epoch, one colour per run;
+  weights_hist_<run>.png    the histogram of one binary layer's real-valued weights.
+
+The paper's figures (--figures), one panel or one colour per variant (no regularizer, dropout,
+deterministic BC, stochastic BC, from each run's hyperparameters):
+  figure1_features.png      Figure 1: some first-layer units of the MNIST MLP, each unit's 784
+                            weights drawn as a 28x28 image (MNIST runs);
+  figure2_histograms.png    Figure 2: histograms of the MNIST first layer's real-valued weights;
+  figure3_curves.png        Figure 3: CIFAR-10 training cost (dotted) and validation error
+                            (solid) per epoch (CIFAR-10 runs).
 """
 import argparse
 import json
@@ -14,8 +25,14 @@ import matplotlib
 matplotlib.use("Agg")  # a tool for headless machines: never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from atomic import atomic_write
+
+# Below this many epochs every point gets a marker: a one-epoch curve is a single point, which a
+# line alone does not draw.
+MARKER_EPOCHS = 30
 
 
 class RunError(Exception):
@@ -52,82 +69,256 @@ def load_run(run_dir):
 
 
 def variant(hparams):
-    hp = hparams.get("hparams", {})
+    """The paper's name for a run's variant, from its hyperparameters (a hparams.json record or
+    the hyperparameter dict itself)."""
+    hp = hparams["hparams"] if isinstance(hparams.get("hparams"), dict) else hparams
+    dropout = hp.get("dropout_in", 0) or hp.get("dropout_hidden", 0)
     if not hp.get("binary", True):
-        return "no binarization"
-    return "stochastic BC" if hp.get("stochastic", True) else "deterministic BC"
+        return "dropout" if dropout else "no regularizer"
+    name = "stochastic BC" if hp.get("stochastic", True) else "deterministic BC"
+    return name + (" + dropout" if dropout else "")
+
+
+def _labels(runs):
+    """Variant names, with the run directory's name added where two runs share a variant."""
+    names = [variant(hp) for _, hp in runs]
+    return [name + (f" ({Path(d).resolve().name})" if names.count(name) > 1 else "")
+            for (d, _), name in zip(runs, names)]
 
 
 def _save(fig, out_path):
     with atomic_write(out_path) as f:
-        fig.savefig(f, format="png", dpi=120)
+        # "tight" keeps a legend placed outside the axes inside the image.
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def plot_curves(run_dirs, out_path):
-    runs = [(Path(d), *load_run(d)) for d in run_dirs]
-    variants = [variant(hp) for _, hp, _ in runs]
-    fig, ax_loss = plt.subplots(figsize=(8, 5))
-    ax_err = ax_loss.twinx()
-    for i, (d, hp, metrics) in enumerate(runs):
-        label = variants[i]
-        if variants.count(label) > 1:
-            label += f" ({d.resolve().name})"
+# ---------------------------------------------------------------------------------------------
+# Curves (Figure 3)
+
+def curves_figure(run_dirs, title=None):
+    """Two panels over the epochs: the training loss (squared hinge, log scale, dotted) above and
+    the validation error (%, solid) below, one colour per run, one legend outside the data."""
+    loaded = [(Path(d), *load_run(d)) for d in run_dirs]
+    labels = _labels([(d, hp) for d, hp, _ in loaded])
+    fig, (ax_loss, ax_err) = plt.subplots(2, 1, sharex=True, figsize=(8, 6.5),
+                                          gridspec_kw=dict(height_ratios=(1, 1)))
+    handles = []
+    all_positive = True
+    few = max(len(metrics) for _, _, metrics in loaded) <= MARKER_EPOCHS
+    for i, ((d, hp, metrics), label) in enumerate(zip(loaded, labels)):
         epochs = [m["epoch"] for m in metrics]
-        color = f"C{i % 10}"
-        ax_loss.plot(epochs, [m["train_loss"] for m in metrics], ":", color=color, lw=1.5)
-        ax_err.plot(epochs, [m["val_err"] for m in metrics], "-", color=color, lw=1.5, label=label)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss (dotted)")
-    ax_err.set_ylabel("validation error % (solid)")
-    scripts = sorted({hp.get("script", "?") for _, hp, _ in runs})
-    ax_loss.set_title(f"{'/'.join(scripts)}: training loss (dotted) and validation error (solid)")
-    ax_err.legend(loc="upper right")
-    ax_loss.grid(alpha=0.3)
+        loss = [m["train_loss"] for m in metrics]
+        all_positive &= all(v is not None and v > 0 for v in loss)
+        style = dict(color=f"C{i % 10}", lw=1.5)
+        if few:
+            style.update(marker="o", markersize=4)
+        ax_loss.plot(epochs, loss, ":", **style)
+        ax_err.plot(epochs, [m["val_err"] for m in metrics], "-", **style)
+        handles.append(Line2D([], [], ls="-", label=label, **style))
+    if all_positive:
+        ax_loss.set_yscale("log")
+        # Plain numbers (0.5, not 5x10^-1); the minor ticks are labelled too when the range is
+        # under a decade (a few epochs), where there may be no major tick at all.
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax_loss.yaxis.set_major_formatter(plain)
+        low, high = ax_loss.get_ylim()
+        ax_loss.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
+    if few:  # whole epochs only, with room around a single point
+        last = max(m["epoch"] for _, _, metrics in loaded for m in metrics)
+        first = min(m["epoch"] for _, _, metrics in loaded for m in metrics)
+        ax_err.set_xlim(first - 0.5, last + 0.5)
+    ax_loss.set_ylabel("training cost\n(squared hinge, dotted)")
+    ax_err.set_ylabel("validation error %\n(solid)")
+    ax_err.set_xlabel("epoch")
+    ax_err.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3, which="both" if ax is ax_err else "major")
+    handles += [Line2D([], [], color="k", ls=":", label="training cost"),
+                Line2D([], [], color="k", ls="-", label="validation error")]
+    if title is None:
+        scripts = sorted({hp.get("script", "?") for _, hp, _ in loaded})
+        title = f"{'/'.join(scripts)}: training cost and validation error"
+    ax_loss.set_title(title)
     fig.tight_layout()
-    _save(fig, out_path)
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
+    return fig
 
 
-def plot_weight_histogram(run_dir, out_path, layer=0, checkpoint="best"):
-    import torch  # imported here: curves alone should not pay torch's import time
+def plot_curves(run_dirs, out_path, title=None):
+    _save(curves_figure(run_dirs, title), out_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# First-layer weights (Figures 1 and 2, and one run's histogram)
+
+def layer_weights(run_dir, layer=0, checkpoint="best"):
+    """(name, shape, real-valued weights as a float32 array) of a run's `layer`-th dense/conv
+    layer in its checkpoint."""
     run_dir = Path(run_dir)
-    hparams, _ = load_run(run_dir)
     path = run_dir / f"{checkpoint}.pt"
     if not path.is_file():
         raise RunError(f"{run_dir}: no {path.name} (checkpoints are written by the training scripts)")
+    import torch  # imported here: curves alone should not pay torch's import time
+    from evaluate import NUMPY_GLOBALS
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RunError(f"{path}: cannot be loaded as a torch checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RunError(f"{path}: cannot be loaded as a torch checkpoint ({type(e).__name__}: "
+                       f"{first})") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise RunError(f"{path}: expected a dict with a 'model' state_dict")
-    # The dense/conv layers are the only ones with a >= 2-D ".weight" (BN has beta/gamma/mean/std).
-    layers = [(k, v) for k, v in state.items()
-              if k.endswith(".weight") and torch.is_tensor(v) and v.ndim >= 2]
+    # The dense/conv layers are the only ones with a >= 2-D floating ".weight" (BN has
+    # beta/gamma/mean/std, a binary layer's stream buffers are not floating).
+    layers = [(k, v) for k, v in state.items() if k.endswith(".weight") and torch.is_tensor(v)
+              and v.ndim >= 2 and v.is_floating_point()]
     if not 0 <= layer < len(layers):
         raise RunError(f"{path}: --layer={layer} out of range; layers: "
                        + ", ".join(f"{i}={k} {tuple(v.shape)}" for i, (k, v) in enumerate(layers)))
     key, w = layers[layer]
-    shape = tuple(w.shape)
-    w = w.detach().float().numpy().ravel()
-    H = hparams.get("hparams", {}).get("H", 1.0)
-    binary = hparams.get("hparams", {}).get("binary", True)
-    # Binary weights are clipped to [-H, H] (SPEC 2.3); otherwise (or H="Glorot") use the data's range.
-    span = float(H) if binary and isinstance(H, (int, float)) else float(np.abs(w).max() or 1.0)
+    return key, tuple(w.shape), w.detach().float().numpy()
+
+
+def _span(hparams, w):
+    """Binary weights are clipped to [-H, H] (SPEC 2.3); otherwise (or H="Glorot") the data's range."""
+    hp = hparams.get("hparams", {})
+    H = hp.get("H", 1.0)
+    if hp.get("binary", True) and isinstance(H, (int, float)):
+        return float(H)
+    return float(np.abs(w).max() or 1.0)
+
+
+def draw_histogram(ax, w, span, binary):
     lim = 1.1 * span
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.hist(np.clip(w, -lim, lim), bins=200, range=(-lim, lim), color="C0")
+    ax.hist(np.clip(w.ravel(), -lim, lim), bins=200, range=(-lim, lim), color="C0")
     if binary:
         for x in (-span, span):
             ax.axvline(x, color="gray", ls="--", lw=1)
     ax.set_xlim(-lim, lim)
     ax.set_xlabel("real-valued weight")
     ax.set_ylabel("count")
+
+
+def plot_weight_histogram(run_dir, out_path, layer=0, checkpoint="best"):
+    run_dir = Path(run_dir)
+    hparams, _ = load_run(run_dir)
+    key, shape, w = layer_weights(run_dir, layer, checkpoint)
+    binary = hparams.get("hparams", {}).get("binary", True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_histogram(ax, w, _span(hparams, w), binary)
+    if binary:
+        ax.legend(handles=[Line2D([], [], color="gray", ls="--", label="clip bounds -H, +H")],
+                  loc="upper center")
     ax.set_title(f"{variant(hparams)}: {key} {shape} "
                  f"({checkpoint}.pt, {run_dir.resolve().name})")
     fig.tight_layout()
     _save(fig, out_path)
+
+
+def _panel_grid(n, width, height):
+    """n panels in one row, or two rows from four on, so the figure stays readable; the unused
+    cell of an odd count is hidden."""
+    rows = 1 if n <= 3 else 2
+    cols = -(-n // rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 0.8, height * rows),
+                             squeeze=False)
+    axes = list(axes.ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _first_layers(run_dirs, checkpoint):
+    runs = [(Path(d), load_run(d)[0]) for d in run_dirs]
+    return [(d, hp, label, layer_weights(d, 0, checkpoint))
+            for (d, hp), label in zip(runs, _labels(runs))]
+
+
+def histograms_figure(run_dirs, checkpoint="best"):
+    """Figure 2: one histogram panel per run of its first layer's real-valued weights."""
+    runs = _first_layers(run_dirs, checkpoint)
+    fig, axes = _panel_grid(len(runs), 4.4, 3.6)
+    any_binary = False
+    for ax, (d, hp, label, (key, shape, w)) in zip(axes, runs):
+        binary = hp.get("hparams", {}).get("binary", True)
+        any_binary |= bool(binary)
+        draw_histogram(ax, w, _span(hp, w), binary)
+        ax.set_title(label)
+    fig.suptitle(f"Figure 2: first-layer weights ({shape[1]} inputs x {shape[0]} units, "
+                 f"{checkpoint}.pt)")
+    fig.tight_layout()
+    if any_binary:
+        fig.legend(handles=[Line2D([], [], color="gray", ls="--", label="clip bounds -H, +H")],
+                   loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
+    return fig
+
+
+def features_figure(run_dirs, units=36, checkpoint="best"):
+    """Figure 1: one panel per run, a mosaic of the first `units` first-layer units, each unit's
+    784 real-valued weights as a 28x28 image (white positive, black negative), each panel on a
+    symmetric scale of its own: [-H, H] for binary runs, the 99.5th percentile of |W| otherwise."""
+    runs = _first_layers(run_dirs, checkpoint)
+    for d, hp, label, (key, shape, w) in runs:
+        if len(shape) != 2 or shape[1] != 784:
+            raise RunError(f"{d}: its first layer {key} has shape {shape}; Figure 1 needs the "
+                           "MNIST MLP's (units, 784)")
+    n = min(units, min(shape[0] for *_, (_, shape, _) in runs))
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig, axes = _panel_grid(len(runs), 3.8, 3.9)
+    for ax, (d, hp, label, (key, shape, w)) in zip(axes, runs):
+        binary = hp.get("hparams", {}).get("binary", True)
+        # Real-valued networks have no clip bound; a few large weights would wash out the rest.
+        span = _span(hp, w[:n]) if binary else float(np.percentile(np.abs(w[:n]), 99.5) or 1.)
+        # Tiles 28x28 with a one-pixel gap (NaN: drawn in the background colour).
+        mosaic = np.full((rows * 29 - 1, cols * 29 - 1), np.nan, dtype=np.float32)
+        for i in range(n):
+            r, c = divmod(i, cols)
+            mosaic[r * 29:r * 29 + 28, c * 29:c * 29 + 28] = w[i].reshape(28, 28)
+        cmap = plt.get_cmap("gray").with_extremes(bad="#6a9fd4")
+        im = ax.imshow(mosaic, cmap=cmap, vmin=-span, vmax=span, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(label)
+        ax.set_xlabel(f"units 0-{n - 1}, 28x28 weights each")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="weight")
+    fig.suptitle(f"Figure 1: first-layer features of the MNIST MLP ({checkpoint}.pt)")
+    fig.tight_layout()
+    return fig
+
+
+def paper_figures(run_dirs, out, units=36, checkpoint="best", log=print):
+    """Writes Figures 1 and 2 from the MNIST runs and Figure 3 from the CIFAR-10 runs among
+    `run_dirs`; returns the paths written."""
+    out = Path(out)
+    by_script = {}
+    for d in run_dirs:
+        by_script.setdefault(load_run(d)[0].get("script"), []).append(d)
+    others = sorted(str(s) for s in by_script if s not in ("mnist", "cifar10"))
+    if others:
+        log(f"note: runs of {', '.join(others)} are in no paper figure (Figures 1-2: mnist, "
+            "Figure 3: cifar10)")
+    jobs = []
+    if "mnist" in by_script:
+        mnist = by_script["mnist"]
+        jobs += [("figure1_features.png", lambda: features_figure(mnist, units, checkpoint)),
+                 ("figure2_histograms.png", lambda: histograms_figure(mnist, checkpoint))]
+    else:
+        log("note: no MNIST run given: no Figures 1 and 2")
+    if "cifar10" in by_script:
+        cifar = by_script["cifar10"]
+        jobs.append(("figure3_curves.png", lambda: curves_figure(
+            cifar, title="Figure 3: CIFAR-10 training cost and validation error")))
+    else:
+        log("note: no CIFAR-10 run given: no Figure 3")
+    figures = [(name, make()) for name, make in jobs]  # every input checked before any write
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fig in figures:
+        _save(fig, out / name)
+    return [out / name for name, _ in figures]
 
 
 def main(argv=None):
@@ -136,11 +327,21 @@ def main(argv=None):
     p.add_argument("--out", help="output directory (default: the first RUN_DIR)")
     p.add_argument("--layer", type=int, default=0, help="which binary layer to histogram (0 = first)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--figures", action="store_true",
+                   help="draw the paper's Figures 1-3 instead of the per-run plots")
+    p.add_argument("--units", type=int, default=36, help="Figure 1: units shown per variant")
     args = p.parse_args(argv)
     out = Path(args.out or args.run_dirs[0])
     try:
         for d in args.run_dirs:
             load_run(d)  # check every directory before writing anything
+        if args.figures:
+            if args.units < 1:
+                raise RunError(f"--units={args.units}: must be at least 1")
+            for path in paper_figures(args.run_dirs, out, args.units, args.checkpoint,
+                                      log=lambda s: print(s, file=sys.stderr)):
+                print(path)
+            return 0
         out.mkdir(parents=True, exist_ok=True)
         plot_curves(args.run_dirs, out / "curves.png")
         print(out / "curves.png")

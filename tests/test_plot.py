@@ -8,18 +8,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.image as mpimg
 import numpy as np
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(path, binary=True, stochastic=True, epochs=5, checkpoints=("last", "best"), seed=0):
+def make_run(path, binary=True, stochastic=True, epochs=5, checkpoints=("last", "best"), seed=0,
+             script="mnist", first_layer=(4, 3), dropout=0.):
     """A run directory shaped like the training scripts' output (hparams.json, metrics.jsonl, *.pt)."""
     path.mkdir(parents=True)
-    hp = {"binary": binary, "stochastic": stochastic, "H": 1.0, "LR_start": 0.003, "num_epochs": epochs}
+    hp = {"binary": binary, "stochastic": stochastic, "H": 1.0, "LR_start": 0.003,
+          "num_epochs": epochs, "dropout_hidden": dropout}
     (path / "hparams.json").write_text(json.dumps(
-        {"script": "mnist", "hparams": hp, "git_commit": None, "git_dirty": None,
+        {"script": script, "hparams": hp, "git_commit": None, "git_dirty": None,
          "versions": {}, "device": "cpu"}))
     rng = np.random.default_rng(seed)
     with open(path / "metrics.jsonl", "w") as f:
@@ -30,10 +33,12 @@ def make_run(path, binary=True, stochastic=True, epochs=5, checkpoints=("last", 
                                 "best_val_err": val_err, "test_loss": 1.1 / e, "test_err": val_err,
                                 "seconds": 1.0}) + "\n")
     g = torch.Generator().manual_seed(seed)
+    units = first_layer[0]
     state = {  # dense (out, in), BN, conv (out, in, k, k): the layers of an nn.Sequential
-        "0.weight": torch.rand(4, 3, generator=g) * 2 - 1, "0.b": torch.zeros(4),
-        "1.beta": torch.zeros(4), "1.gamma": torch.ones(4), "1.mean": torch.zeros(4),
-        "1.std": torch.ones(4),
+        "0.weight": torch.rand(*first_layer, generator=g) * 2 - 1, "0.b": torch.zeros(units),
+        "0.draws": torch.zeros((), dtype=torch.int64),  # a binary layer's stream counter
+        "1.beta": torch.zeros(units), "1.gamma": torch.ones(units), "1.mean": torch.zeros(units),
+        "1.std": torch.ones(units),
         "3.weight": (torch.rand(8, 4, 3, 3, generator=g) * 2 - 1).clamp(-0.9, 0.9),
     }
     for name in checkpoints:
@@ -142,3 +147,103 @@ def test_metrics_line_without_needed_keys(tmp_path):
     r = run_plot(a)
     assert r.returncode == 2 and "line 6" in r.stderr and "train_loss" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _import_plot():
+    sys.path.insert(0, str(REPO))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(REPO))
+    return plot
+
+
+def _panels(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_visible()]
+
+
+@pytest.mark.parametrize("epochs, markers", [(1, True), (2, True), (60, False)])
+def test_curves_two_panels_markers_and_legend_outside(tmp_path, epochs, markers):
+    """Issue 10: a one-epoch run is drawn (markers), the loss and the error have panels of their
+    own (the loss on a log axis), and the one legend lies outside both."""
+    plot = _import_plot()
+    runs = [make_run(tmp_path / "s", epochs=epochs, seed=1),
+            make_run(tmp_path / "d", stochastic=False, epochs=epochs, seed=2)]
+    fig = plot.curves_figure(runs)
+    ax_loss, ax_err = _panels(fig)
+    assert ax_loss.get_yscale() == "log" and ax_err.get_yscale() == "linear"
+    assert "training cost" in ax_loss.get_ylabel() and "validation error" in ax_err.get_ylabel()
+    assert ax_err.get_xlabel() == "epoch"
+    assert [l.get_linestyle() for l in ax_loss.lines] == [":", ":"]
+    assert [l.get_linestyle() for l in ax_err.lines] == ["-", "-"]
+    for line in ax_loss.lines + ax_err.lines:
+        assert (line.get_marker() not in ("None", None, "")) == markers
+    assert len(fig.legends) == 1 and not ax_loss.get_legend() and not ax_err.get_legend()
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert legend.x0 >= max(ax.get_window_extent().x1 for ax in (ax_loss, ax_err))
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["stochastic BC", "deterministic BC", "training cost", "validation error"]
+    if epochs == 1:
+        low, high = ax_err.get_xlim()
+        assert [t for t in ax_err.get_xticks() if low <= t <= high] == [1]
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    plot.plot_curves(runs, tmp_path / "c.png")
+    check_png(tmp_path / "c.png")
+
+
+def test_variant_names():
+    plot = _import_plot()
+    for hp, name in [({"binary": False}, "no regularizer"),
+                     ({"binary": False, "dropout_hidden": 0.5}, "dropout"),
+                     ({"binary": True, "stochastic": False}, "deterministic BC"),
+                     ({"binary": True, "stochastic": True, "dropout_in": 0.2},
+                      "stochastic BC + dropout"),
+                     ({}, "stochastic BC")]:
+        assert plot.variant({"hparams": hp}) == name
+        assert plot.variant(hp) == name
+
+
+def paper_runs(tmp_path):
+    mnist = [make_run(tmp_path / "m_noreg", binary=False, first_layer=(40, 784), seed=1),
+             make_run(tmp_path / "m_dropout", binary=False, dropout=0.5, first_layer=(40, 784)),
+             make_run(tmp_path / "m_det", stochastic=False, first_layer=(40, 784), seed=2),
+             make_run(tmp_path / "m_stoch", first_layer=(40, 784), seed=3)]
+    cifar = [make_run(tmp_path / f"c_{v}", stochastic=v == "stoch", script="cifar10", epochs=30,
+                      seed=i) for i, v in enumerate(("stoch", "det"))]
+    return mnist, cifar
+
+
+def test_paper_figures(tmp_path):
+    mnist, cifar = paper_runs(tmp_path)
+    out = tmp_path / "figs"
+    r = run_plot("--figures", *mnist, *cifar, f"--out={out}", "--units=25")
+    assert r.returncode == 0, r.stderr
+    names = ["figure1_features.png", "figure2_histograms.png", "figure3_curves.png"]
+    assert r.stdout.split() == [str(out / n) for n in names]
+    for n in names:
+        check_png(out / n)
+
+    plot = _import_plot()
+    fig1 = plot.features_figure(mnist, units=25)
+    assert [ax.get_title() for ax in _panels(fig1)] == ["no regularizer", "dropout",
+                                                         "deterministic BC", "stochastic BC"]
+    image = _panels(fig1)[0].get_images()[0].get_array()
+    assert image.shape == (5 * 29 - 1, 5 * 29 - 1)  # 5 x 5 units of 28 x 28, 1-pixel gaps
+    fig2 = plot.histograms_figure(mnist)
+    assert len(_panels(fig2)) == 4 and len(fig2.legends) == 1
+    fig3 = plot.curves_figure(cifar)
+    assert len(_panels(fig3)) == 2
+
+
+def test_paper_figures_need_the_right_runs(tmp_path):
+    mnist, cifar = paper_runs(tmp_path)
+    r = run_plot("--figures", *cifar, f"--out={tmp_path / 'only3'}")
+    assert r.returncode == 0 and "no MNIST run" in r.stderr
+    assert [p.name for p in (tmp_path / "only3").iterdir()] == ["figure3_curves.png"]
+    # Figure 1 needs the MNIST MLP's 784-wide first layer
+    odd = make_run(tmp_path / "odd", first_layer=(4, 3))
+    r = run_plot("--figures", odd, f"--out={tmp_path / 'none'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and str(odd) in r.stderr
+    assert "784" in r.stderr and not (tmp_path / "none").exists()

@@ -1,0 +1,328 @@
+"""Evaluate a trained BinaryConnect model on the validation and test sets of its own run, under the
+paper's test-time choices (paper section 2, SPEC section 8.2):
+
+  real      the real-valued weights W: what the paper reports for stochastic BC (its default here)
+  sign      the deterministic sign of W (W >= 0 -> +H): deterministic BC's own rule, and what
+            export.py packs into a 1-bit model
+  ensemble  the mean output of K binary networks sampled with the stochastic rule (--samples=K,
+            seeded by --seed), then the argmax
+
+    python evaluate.py RUN_DIR_OR_CHECKPOINT [--checkpoint=best|last] [--modes=real,sign,ensemble]
+                       [--samples=10] [--seed=1234] [--data_dir=...] [--SVHN_LOCAL_PATH=...]
+
+Defaults: stochastic BC gets all three modes side by side, deterministic BC its sign, a binary=False
+network its real weights. The network is rebuilt as its run built it (the script named in the run's
+hparams.json), the data read from the run's paths unless --data_dir / --SVHN_LOCAL_PATH say where it
+is now. Errors and losses follow the training report's rules (full batches of the run's batch_size,
+the last partial batch dropped; SPEC section 5).
+"""
+import argparse
+import copy
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+SCRIPTS = ("mnist", "cifar10", "svhn")
+MODES = ("real", "sign", "ensemble")
+MODE_TITLES = {
+    "real": "real-valued weights W",
+    "sign": "sign of W (W >= 0 -> +H)",
+    "ensemble": "mean output of {samples} sampled binary networks (seed {seed})",
+}
+# A last.pt also holds numpy RNG states; these let it load with weights_only=True (no code runs).
+NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
+    getattr(np.dtypes, n) for n in ("UInt32DType", "Int64DType", "Int32DType", "Float64DType",
+                                    "Float32DType", "UInt8DType", "BoolDType")]
+
+
+class UserError(Exception):
+    """A problem the user can fix (a wrong path, a file of the wrong kind); main() prints it on one
+    line and exits 2."""
+
+
+def find_checkpoint(path, checkpoint="best"):
+    """RUN_DIR -> RUN_DIR/<checkpoint>.pt; a file is taken as it is."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = path / f"{checkpoint}.pt"
+        if not ckpt.is_file():
+            raise UserError(f"{path}: no {ckpt.name} in this directory; expected a run directory "
+                            "written by mnist.py, cifar10.py or svhn.py, or a checkpoint file")
+        return ckpt
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    return path
+
+
+def load_checkpoint(path):
+    """A best.pt or last.pt of this project, loaded without running any pickled code."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a checkpoint of this project (expected best.pt or last.pt "
+                        f"from a training run; torch.load says: {first})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("hparams"), dict)):
+        raise UserError(f"{path}: a torch file, but not a training checkpoint of this project "
+                        "(expected a dict with 'model' and 'hparams': best.pt or last.pt)")
+    return ckpt
+
+
+def run_record(ckpt_path, script=None):
+    """The run's hparams.json beside the checkpoint; it names the script that built the model."""
+    path = Path(ckpt_path).parent / "hparams.json"
+    record = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: unreadable ({e})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: expected the JSON object a training run writes")
+    script = script or record.get("script")
+    if script is None:
+        raise UserError(f"{ckpt_path}: no hparams.json beside it to say which script built the "
+                        f"network; pass --script={'|'.join(SCRIPTS)}")
+    if script not in SCRIPTS:
+        raise UserError(f"{path}: script {script!r} is not one of {', '.join(SCRIPTS)}")
+    return script, record
+
+
+def load_trained(path, checkpoint="best", script=None, overrides=None):
+    """Rebuild a run's network and load its weights.
+
+    Returns (model in eval mode on the CPU, hparams with `overrides` applied, script name, the
+    checkpoint dict, the checkpoint's path)."""
+    ckpt_path = find_checkpoint(path, checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    script, _ = run_record(ckpt_path, script)
+    hp = dict(ckpt["hparams"])
+    hp.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    mod = importlib.import_module(script)
+    # Building draws the initial weights from numpy's global RNG; keep the caller's stream.
+    state = np.random.get_state()
+    try:
+        model = mod.build_model(hp)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{ckpt_path}: its hyperparameters do not build a {script} network "
+                        f"({type(e).__name__}: {e})") from None
+    finally:
+        np.random.set_state(state)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        # torch's first line only says "Error(s) in loading state_dict"; the keys follow.
+        detail = " ".join(l.strip() for l in str(e).splitlines()[1:]) or str(e)
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise UserError(f"{ckpt_path}: its weights do not fit the {script} network its "
+                        f"hyperparameters describe ({detail})") from None
+    model.eval()
+    return model, hp, script, ckpt, ckpt_path
+
+
+def binarized_copy(model, rule, generator=None):
+    """A copy of `model` whose binary layers hold fixed +-H weights and compute with them as given.
+
+    rule "sign": the deterministic rule (W >= 0 -> +H); "sample": one draw of the stochastic rule
+    from `generator`, layer after layer in module order."""
+    from binary_connect import binarization, binary_layers
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in binary_layers(net):
+            if not layer.binary:
+                continue
+            Wb = binarization(layer.weight, layer.H, binary=True, deterministic=False,
+                              stochastic=(rule == "sample"), generator=generator)
+            layer.weight.copy_(Wb)
+            layer.binary = False  # its forward now uses layer.weight as it is
+    return net.eval()
+
+
+def ensemble_evaluate(model, splits, batch_size, samples, generator, loss_reduction="mean"):
+    """The mean output of `samples` sampled binary networks, scored like training.evaluate: full
+    batches only; error = mean of the per-batch error fractions * 100; loss = the squared hinge of
+    the mean output, mean over N x 10 (loss_reduction "sum_classes": summed over the outputs, SPEC
+    9). Returns [(error %, loss)] for each split."""
+    sums = [torch.zeros(split.n // batch_size * batch_size, 10, dtype=torch.float64,
+                        device=split.device) for split in splits]
+    for _ in range(samples):
+        net = binarized_copy(model, "sample", generator)
+        with torch.no_grad():
+            for split, total in zip(splits, sums):
+                for i in range(split.n // batch_size):
+                    x, _ = split.rows(i * batch_size, (i + 1) * batch_size)
+                    total[i * batch_size:(i + 1) * batch_size] += net(x).double()
+        del net
+    results = []
+    for split, total in zip(splits, sums):
+        n_batches = split.n // batch_size
+        y = total / samples
+        t = split.y[:n_batches * batch_size].double()
+        hinge = torch.square(torch.clamp(1. - t * y, min=0.))
+        loss = hinge.sum(1).mean() if loss_reduction == "sum_classes" else hinge.mean()
+        err = (y.argmax(1) != t.argmax(1)).double().view(n_batches, batch_size).mean(1)
+        results.append((float(err.mean()) * 100, float(loss)))
+    return results
+
+
+def default_modes(hp):
+    if not hp.get("binary", True):
+        return ["real"]
+    return list(MODES) if hp.get("stochastic", True) else ["sign"]
+
+
+def parse_modes(text, hp):
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UserError(f"--modes={text}: choose from {', '.join(MODES)} (comma-separated)")
+    if not hp.get("binary", True) and modes != ["real"]:
+        raise UserError(f"--modes={text}: a binary=False network has only real weights; "
+                        "use --modes=real")
+    return modes
+
+
+def mode_title(mode, hp, samples, seed):
+    title = MODE_TITLES[mode].format(samples=samples, seed=seed)
+    binary, stochastic = hp.get("binary", True), hp.get("stochastic", True)
+    if mode == "real" and binary and stochastic:
+        title += ": the paper's choice for stochastic BC"
+    if mode == "sign" and binary and not stochastic:
+        title += ": deterministic BC's own test-time rule"
+    return title
+
+
+def evaluate_modes(model, hp, modes, val_set, test_set, batch_size, samples=10, seed=1234):
+    """{mode: {"val_err", "val_loss", "test_err", "test_loss"}} for each requested mode."""
+    import training
+    device = val_set.device
+    reduction = hp.get("loss_reduction", "mean")
+    # Passed only when it is not the default, so an evaluate() without the option still works.
+    kwargs = {} if reduction == "mean" else dict(loss_reduction=reduction)
+    out = {}
+    for mode in modes:
+        if mode == "ensemble":
+            generator = torch.Generator(device=device).manual_seed(seed)
+            (val_err, val_loss), (test_err, test_loss) = ensemble_evaluate(
+                model, [val_set, test_set], batch_size, samples, generator, reduction)
+        else:
+            # "real" is the model's own eval for stochastic BC and for binary=False; for
+            # deterministic BC the model already evaluates with the sign, so "real" needs W as is.
+            net = binarized_copy(model, "sign") if mode == "sign" else _real_copy(model)
+            val_err, val_loss = training.evaluate(net, val_set, batch_size, **kwargs)
+            test_err, test_loss = training.evaluate(net, test_set, batch_size, **kwargs)
+        out[mode] = dict(val_err=val_err, val_loss=val_loss, test_err=test_err,
+                         test_loss=test_loss)
+    return out
+
+
+def _real_copy(model):
+    from binary_connect import binary_layers
+    net = copy.deepcopy(model)
+    for layer in binary_layers(net):
+        layer.binary = False
+    return net.eval()
+
+
+def format_block(title, m):
+    from training import str2
+    rows = [("validation loss:", str2(m["val_loss"])),
+            ("validation error rate:", str2(m["val_err"]) + "%"),
+            ("test loss:", str2(m["test_loss"])), ("test error rate:", str2(m["test_err"]) + "%")]
+    # The training report's layout (training.report): two spaces, label padded to 33 characters.
+    return "\n".join([f"Test-time mode: {title}"] + [("  " + l).ljust(33) + v for l, v in rows])
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name}: not a torch device (try auto, cpu, cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: CUDA is not available here")
+    return device
+
+
+def _bool(text):
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a bool (true/false)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="for a RUN_DIR: best.pt (the best validation epoch, default) or last.pt")
+    p.add_argument("--modes", help="comma-separated, from real, sign, ensemble (default: all three "
+                                   "for stochastic BC, sign for deterministic BC, real otherwise)")
+    p.add_argument("--samples", type=int, default=10, help="K for the ensemble mode (default 10)")
+    p.add_argument("--seed", type=int, default=1234, help="seeds the ensemble's samples")
+    p.add_argument("--data_dir",
+                   help="where the MNIST / CIFAR-10 files are now (default: the run's)")
+    p.add_argument("--SVHN_LOCAL_PATH", help="where svhn_preprocessing.py's output is now (SVHN)")
+    p.add_argument("--verify_checksums", type=_bool, help="default: the run's setting")
+    p.add_argument("--script", choices=SCRIPTS,
+                   help="the script that trained it, when no hparams.json lies beside "
+                        "the checkpoint")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu; the "
+                                                    "default), cpu or cuda")
+    args = p.parse_args(argv)
+    try:
+        if args.samples < 1:
+            raise UserError(f"--samples={args.samples}: must be at least 1")
+        device = _device(args.device)
+        overrides = dict(data_dir=args.data_dir, SVHN_LOCAL_PATH=args.SVHN_LOCAL_PATH,
+                         verify_checksums=args.verify_checksums)
+        model, hp, script, ckpt, ckpt_path = load_trained(args.path, args.checkpoint, args.script,
+                                                          overrides)
+        modes = parse_modes(args.modes, hp) if args.modes else default_modes(hp)
+        torch.backends.cuda.matmul.allow_tf32 = False  # the float32 arithmetic of training
+        torch.backends.cudnn.allow_tf32 = False
+        mod = importlib.import_module(script)
+        from bc_datasets import DatasetError
+        try:
+            _, (X_val, y_val), (X_test, y_test) = mod.load_data(hp)
+        except DatasetError as e:
+            raise UserError(f"{e} (the data paths come from the run's hparams; "
+                            "--data_dir= or --SVHN_LOCAL_PATH= points elsewhere)") from None
+        import training
+        batch_size = hp["batch_size"]
+        for name, X in (("validation", X_val), ("test", X_test)):
+            if len(X) < batch_size:
+                raise UserError(f"the {name} set has {len(X)} examples, fewer than the run's "
+                                f"batch_size={batch_size}: no full batch to evaluate")
+        val_set = training.Split(X_val, 2 * np.asarray(y_val, np.float32) - 1, device)
+        test_set = training.Split(X_test, 2 * np.asarray(y_test, np.float32) - 1, device)
+        model.to(device)
+        from plot import variant
+        print(f"{ckpt_path}: {script}, {variant(hp)}, epoch {ckpt.get('epoch', '?')}; "
+              f"{val_set.n // batch_size * batch_size} validation and "
+              f"{test_set.n // batch_size * batch_size} test examples (full batches of "
+              f"{batch_size})")
+        results = evaluate_modes(model, hp, modes, val_set, test_set, batch_size,
+                                 args.samples, args.seed)
+        for mode in modes:
+            print(format_block(mode_title(mode, hp, args.samples, args.seed), results[mode]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Export a trained BinaryConnect network as a real 1-bit model: an .npz that infer.py runs with
+numpy alone.
+
+    python export.py RUN_DIR_OR_CHECKPOINT OUT.npz [--checkpoint=best|last] [--data_dir=...]
+
+What the file holds:
+  - each binary layer's weights as bits (1 = +H, 0 = -H), packed 8 per byte (np.packbits, C order
+    of the torch weight: (out, in) for dense, (C_out, C_in, k, k) for conv), with its H and shape;
+  - each batch norm folded into a per-unit scale a and shift, with the preceding layer's bias
+    folded in too: BN(Wx + b) = a*(Wx) + (beta + a*(b - mean)) (through a max-pool as well, which
+    commutes with adding a per-channel constant);
+  - everything else in float32, and the architecture as JSON ("model.json"): the layer sequence
+    (flatten, dense/conv with shapes, padding 1 and stride 1, max-pool 2x2 stride 2, affine with
+    relu or identity), the preprocessing of the inputs, and where the model came from.
+
+A deterministic-BC network is exported exactly as it evaluates. A stochastic-BC network is exported
+as the sign of W (W >= 0 -> +H), not the real-valued W that the paper evaluates it with: the file
+says so, and `python evaluate.py RUN_DIR --modes=sign` gives that model's error. A binary=False
+network has no binary weights to pack and is refused.
+
+MNIST inputs: /255, then centred per pixel. The file stores the training file's pixel mean (what
+new images should be centred with); the original centred the test set with its own mean (SPEC 6.1),
+which infer.py does by default when it reads the test files. CIFAR-10 and SVHN inputs are the
+preprocessed sets (GCN + ZCA, GCN + LCN): infer.py reads them as the training scripts do.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from atomic import atomic_write
+from evaluate import UserError, load_trained
+
+FORMAT = "binaryconnect-1bit"
+FORMAT_VERSION = 1
+INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
+STOCHASTIC_NOTE = ("stochastic BC network exported as the sign of its real-valued weights "
+                   "(W >= 0 -> +H), the paper's test-time option (1); the paper reports stochastic "
+                   "BC with the real-valued weights, so this model's error differs: `python "
+                   "evaluate.py RUN_DIR --modes=sign` gives it")
+
+
+def _nonlinearity(fn, where):
+    if fn is None:
+        return "identity"
+    if fn in (F.relu, torch.relu) or getattr(fn, "__name__", "") == "relu":
+        return "relu"
+    raise UserError(f"{where}: nonlinearity {fn!r} has no 1-bit export (relu or identity only)")
+
+
+def export_arrays(model, input_shape, meta=None):
+    """The npz content of `model` (an nn.Module of binary layers, batch norms, max-pools and
+    dropouts in sequence): {name: array}, "model.json" holding the architecture and `meta`."""
+    from batch_norm import BatchNormLayer
+    from binary_connect import BinaryLayerMixin, Conv2DLayer, DenseLayer, binarization
+    model = model.eval()
+    arrays, layers = {}, []
+    pending = None  # the last binary layer whose bias has not yet been folded into a BN
+    ndim = 1 + len(input_shape)
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    with torch.no_grad():
+        for name, m in leaves:
+            where = f"layer {name} ({type(m).__name__})"
+            if isinstance(m, BinaryLayerMixin):
+                if not m.binary:
+                    raise UserError(f"{where} is not binary (binary=False): nothing to pack")
+                _attach_bias(pending, arrays)
+                key = f"layer{len(layers)}"
+                if isinstance(m, DenseLayer):
+                    if ndim != 2:  # DenseLayer flattens its input in C order
+                        layers.append(dict(op="flatten"))
+                        ndim = 2
+                        key = f"layer{len(layers)}"
+                    op = dict(op="dense", shape=list(m.weight.shape))
+                elif isinstance(m, Conv2DLayer):
+                    if (m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1
+                            or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                        raise UserError(f"{where}: only stride 1, zero padding, no dilation or "
+                                        "groups can be exported")
+                    op = dict(op="conv", shape=list(m.weight.shape), padding=list(m.padding),
+                              stride=[1, 1])
+                else:
+                    raise UserError(f"{where}: unknown binary layer type")
+                # The layer's own deterministic rule, so ties (W = 0) go where they go in training.
+                bits = binarization(m.weight, 1., binary=True, deterministic=False,
+                                    stochastic=False) > 0
+                arrays[f"{key}.signs"] = np.packbits(bits.cpu().numpy().ravel())
+                op.update(H=float(m.H), signs=f"{key}.signs")
+                layers.append(op)
+                pending = (op, key, None if m.bias is None else m.bias.float().cpu().numpy())
+            elif isinstance(m, BatchNormLayer):
+                a, shift = m.scale_shift()
+                a, shift = a.double().cpu().numpy(), shift.double().cpu().numpy()
+                if pending is not None and pending[2] is not None:
+                    shift = shift + a * pending[2]
+                pending = None
+                key = f"layer{len(layers)}"
+                arrays[f"{key}.scale"] = a.astype(np.float32)
+                arrays[f"{key}.shift"] = shift.astype(np.float32)
+                layers.append(dict(op="affine", scale=f"{key}.scale", shift=f"{key}.shift",
+                                   nonlinearity=_nonlinearity(m.nonlinearity, where)))
+            elif isinstance(m, nn.MaxPool2d):
+                k, s = m.kernel_size, m.stride
+                if (k not in (2, (2, 2)) or s not in (2, (2, 2)) or m.padding not in (0, (0, 0))
+                        or m.dilation not in (1, (1, 1)) or m.ceil_mode):
+                    raise UserError(f"{where}: only 2x2 max-pools of stride 2 can be exported")
+                layers.append(dict(op="maxpool", size=[2, 2], stride=[2, 2]))
+            elif isinstance(m, nn.Dropout):
+                continue  # the identity at test time
+            else:
+                raise UserError(f"{where}: no 1-bit export for this kind of layer")
+    _attach_bias(pending, arrays)
+    if not any(op["op"] in ("dense", "conv") for op in layers):
+        raise UserError("the network has no binary layer to export")
+    record = dict(format=FORMAT, version=FORMAT_VERSION, input_shape=list(input_shape),
+                  layers=layers, **(meta or {}))
+    arrays["model.json"] = np.array(json.dumps(record))
+    return arrays
+
+
+def _attach_bias(pending, arrays):
+    """A bias with no batch norm after it to fold into stays with its layer, in float32."""
+    if pending is not None and pending[2] is not None:
+        op, key, bias = pending
+        arrays[f"{key}.bias"] = bias.astype(np.float32)
+        op["bias"] = f"{key}.bias"
+
+
+def mnist_pixel_mean(data_dir):
+    """The training file's per-pixel mean, computed as bc_datasets centres the training split
+    (SPEC 6.1: float32 /255, mean accumulated in float64, stored as float32)."""
+    from bc_datasets import DatasetError, read_idx
+    data_dir = Path(data_dir)
+    for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
+        if (data_dir / name).is_file():
+            try:
+                images = read_idx(data_dir / name)
+            except DatasetError as e:
+                raise UserError(str(e)) from None
+            X = images.astype(np.float32) / np.float32(255)
+            return X.mean(axis=0, dtype=np.float64).astype(np.float32).reshape(1, 28, 28)
+    raise UserError(f"{data_dir}: no train-images-idx3-ubyte(.gz), needed for the MNIST pixel mean "
+                    "the export stores; point --data_dir= at the MNIST files")
+
+
+def preprocessing(script, hp, data_dir=None):
+    """(json description, {name: array}) of the inputs the network expects."""
+    if script == "mnist":
+        mean = mnist_pixel_mean(data_dir or hp["data_dir"])
+        return (dict(kind="mnist", scale=1. / 255, mean="input_mean",
+                     note="x = uint8 pixels / 255 (float32), minus a per-pixel mean. input_mean "
+                          "is the mean of the whole training file, which centred the training and "
+                          "validation sets; the original centred the test set with the test "
+                          "file's own per-pixel mean (SPEC 6.1), as infer.py does by default "
+                          "when it reads the test files. Centre new images with input_mean."),
+                {"input_mean": mean})
+    if script == "cifar10":
+        return (dict(kind="cifar10_gcn_zca",
+                     note="inputs are the preprocessed CIFAR-10 set: GCN (scale 55) then ZCA fit "
+                          "on the 50,000 training images (SPEC 6.2), as bc_datasets.load_cifar10 "
+                          "computes and caches it; (N, 3, 32, 32) float32"), {})
+    return (dict(kind="svhn_gcn_lcn",
+                 note="inputs are the preprocessed SVHN sets written by svhn_preprocessing.py "
+                      "(GCN then LeCun LCN, SPEC 6.3); (N, 3, 32, 32) float32"), {})
+
+
+def state_dict_bytes(model):
+    """The float32 state dict's size: 4 bytes per floating-point value."""
+    return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def save_npz(path, arrays):
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise UserError(f"{path}: the output name must end in .npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            np.savez_compressed(f, **arrays)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write it ({e.strerror or e})") from None
+
+
+def export(path, out, checkpoint="best", data_dir=None, script=None, log=print):
+    """Export the run's checkpoint to `out`; returns (npz bytes, float32 state-dict bytes)."""
+    from plot import variant
+    model, hp, script, ckpt, ckpt_path = load_trained(path, checkpoint, script)
+    if not hp.get("binary", True):
+        raise UserError(f"{ckpt_path}: a binary=False network has no binary weights to export; "
+                        "export.py packs BinaryConnect networks (binary=True)")
+    stochastic = bool(hp.get("stochastic", True))
+    pre, extra = preprocessing(script, hp, data_dir)
+    data = {k: hp[k] for k in ("data_dir", "SVHN_LOCAL_PATH", "train_set_size",
+                               "verify_checksums", "batch_size") if k in hp}
+    if data_dir is not None:
+        data["data_dir" if script != "svhn" else "SVHN_LOCAL_PATH"] = str(data_dir)
+    meta = dict(dataset=script, variant=variant(hp), preprocessing=pre, data=data,
+                weights=STOCHASTIC_NOTE if stochastic else
+                "deterministic BC: the sign of W (W >= 0 -> +H), as the network evaluates",
+                source=dict(checkpoint=str(ckpt_path), epoch=ckpt.get("epoch"),
+                            hparams={k: v for k, v in hp.items()
+                                     if isinstance(v, (int, float, str, bool))}))
+    arrays = export_arrays(model, INPUT_SHAPES[script], meta)
+    arrays.update(extra)
+    if stochastic:
+        log("note: " + STOCHASTIC_NOTE)
+    save_npz(out, arrays)
+    size, full = os.path.getsize(out), state_dict_bytes(model)
+    log(f"{out}: {size:,} bytes; the float32 state dict: {full:,} bytes ({full / size:.1f}x "
+        f"smaller)")
+    return size, full
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("out", metavar="OUT.npz")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="for a RUN_DIR: best.pt (default) or last.pt")
+    p.add_argument("--data_dir", help="MNIST: where the training file is now, for its pixel mean "
+                                      "(default: the run's data_dir); stored as infer.py's default")
+    p.add_argument("--script", choices=tuple(INPUT_SHAPES),
+                   help="the script that trained it, when no hparams.json lies beside "
+                        "the checkpoint")
+    args = p.parse_args(argv)
+    try:
+        export(args.path, args.out, args.checkpoint, args.data_dir, args.script)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

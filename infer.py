@@ -1,0 +1,290 @@
+"""Run a 1-bit BinaryConnect model (export.py's .npz) with numpy alone: no torch anywhere.
+
+    python infer.py MODEL.npz [--data_dir=...] [--all] [--center=own|train]
+
+Reads the test set of the model's dataset (the MNIST idx files, the CIFAR-10 files or their
+preprocessed cache, the SVHN sets of svhn_preprocessing.py) from --data_dir (default: where the run
+read it) and prints the test loss and error in the training report's style. As the report does,
+it scores full batches of the run's batch_size and drops the last partial one; --all scores every
+image.
+
+From Python:
+    import infer
+    model = infer.load("model.npz")
+    logits = infer.predict(model, X)   # X: preprocessed inputs, (N, C, H, W) or (N, C*H*W) float32
+    X = infer.preprocess(model, images)  # MNIST: uint8 (N, 28, 28) -> centred with the stored mean
+
+MNIST test images are centred with the test file's own per-pixel mean by default, as the original
+evaluated them (SPEC 6.1), so the numbers match the training report; --center=train uses the
+training file's mean stored in the model, which is what a single new image gets.
+"""
+import argparse
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "binaryconnect-1bit"
+FORMAT_VERSION = 1
+
+
+class ModelError(Exception):
+    """An unreadable model or data file; main() prints it on one line and exits 2."""
+
+
+class Model:
+    """A loaded 1-bit model: `meta` (model.json), `layers` (ops with their arrays unpacked to
+    float32 +-1 matrices), `input_mean` (MNIST) or None."""
+
+    def __init__(self, meta, layers, input_mean, path):
+        self.meta, self.layers, self.input_mean, self.path = meta, layers, input_mean, path
+
+    @property
+    def input_shape(self):
+        return tuple(self.meta["input_shape"])
+
+
+def load(path):
+    """Read and check an export.py file; the sign bits are unpacked once, here."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays.pop("model.json")))
+    except KeyError:
+        raise ModelError(f"{path}: an .npz without model.json, not a model written by "
+                         "export.py") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ModelError(f"{path}: not a readable .npz written by export.py "
+                         f"({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a {FORMAT} model written by export.py")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelError(f"{path}: format version {meta.get('version')}; this infer.py reads "
+                         f"version {FORMAT_VERSION}")
+    try:
+        layers = [_unpack(op, arrays) for op in meta["layers"]]
+        mean = arrays.get(meta.get("preprocessing", {}).get("mean", ""), None)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelError(f"{path}: inconsistent model file ({type(e).__name__}: {e}); "
+                         "export it again") from None
+    return Model(meta, layers, mean, path)
+
+
+def _unpack(op, arrays):
+    op = dict(op)
+    if op["op"] in ("dense", "conv"):
+        shape = tuple(op["shape"])
+        n = int(np.prod(shape))
+        bits = np.unpackbits(arrays[op["signs"]], count=n)
+        if bits.size != n:
+            raise ValueError(f"{op['signs']} holds fewer than {n} bits")
+        # +-1 as float32, laid out as a matrix (out, in) or (C_out, C_in*k*k): the products then
+        # run on numpy's BLAS; H multiplies the result once.
+        op["W"] = (bits.astype(np.float32) * 2 - 1).reshape(shape[0], -1)
+        if op.get("bias"):
+            op["b"] = arrays[op["bias"]].astype(np.float32)
+    elif op["op"] == "affine":
+        op["a"] = arrays[op["scale"]].astype(np.float32)
+        op["c"] = arrays[op["shift"]].astype(np.float32)
+    elif op["op"] not in ("flatten", "maxpool"):
+        raise ValueError(f"unknown layer {op['op']!r}")
+    return op
+
+
+def _conv(x, op):
+    """Zero-padded 2-D correlation (what torch's conv2d computes) by im2col and one matrix
+    product: x (N, C, H, W), W (C_out, C*k*k) in torch's (C_in, kh, kw) order."""
+    C_out, C_in, kh, kw = op["shape"]
+    ph, pw = op["padding"]
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
+    N, _, Ho, Wo = win.shape[:4]
+    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(N * Ho * Wo, C_in * kh * kw)
+    y = (cols @ op["W"].T).reshape(N, Ho, Wo, C_out).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(y)
+
+
+def predict(model, X):
+    """The logits (N, 10), float32, of preprocessed inputs X: (N, C, H, W), or (N, C*H*W)."""
+    x = np.asarray(X, dtype=np.float32)
+    if x.ndim == 2:
+        x = x.reshape((len(x),) + model.input_shape)
+    if x.shape[1:] != model.input_shape:
+        raise ValueError(f"inputs of shape {x.shape[1:]}; the model takes {model.input_shape}")
+    for op in model.layers:
+        kind = op["op"]
+        if kind == "flatten":
+            x = x.reshape(len(x), -1)  # C order, as torch's flatten
+        elif kind == "dense":
+            x = (x @ op["W"].T) * np.float32(op["H"])
+            if "b" in op:
+                x = x + op["b"]
+        elif kind == "conv":
+            x = _conv(x, op) * np.float32(op["H"])
+            if "b" in op:
+                x = x + op["b"][:, None, None]
+        elif kind == "maxpool":
+            N, C, H, W = x.shape
+            x = x[:, :, :H // 2 * 2, :W // 2 * 2].reshape(N, C, H // 2, 2, W // 2, 2).max((3, 5))
+        elif kind == "affine":
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            x = x * op["a"].reshape(shape) + op["c"].reshape(shape)
+            if op["nonlinearity"] == "relu":
+                x = np.maximum(x, np.float32(0))
+    return x
+
+
+def predict_batches(model, X, batch_size=None):
+    """predict() on slices of X, so a large (or memory-mapped) set needs little memory; by default
+    slices whose largest im2col matrix stays near 64 MB."""
+    batch_size = batch_size or _chunk(model)
+    return np.concatenate([predict(model, X[i:i + batch_size])
+                           for i in range(0, len(X), batch_size)])
+
+
+def _chunk(model, budget=64 << 20):
+    C, H, W = model.input_shape
+    largest = C * H * W
+    for op in model.layers:
+        if op["op"] == "conv":
+            C_out, C_in, kh, kw = op["shape"]
+            H, W = H + 2 * op["padding"][0] - kh + 1, W + 2 * op["padding"][1] - kw + 1
+            largest = max(largest, H * W * C_in * kh * kw)
+            C = C_out
+        elif op["op"] == "maxpool":
+            H, W = H // 2, W // 2
+        elif op["op"] == "dense":
+            largest = max(largest, op["shape"][1])
+    return max(1, min(1000, budget // (4 * largest)))
+
+
+def preprocess(model, images):
+    """Raw MNIST images (N, 28, 28) uint8 -> the model's inputs, centred with the stored training
+    mean. CIFAR-10 and SVHN inputs are the preprocessed sets themselves."""
+    if model.input_mean is None:
+        raise ValueError(f"{model.path}: this model stores no pixel mean (its inputs are the "
+                         f"preprocessed {model.meta.get('dataset')} sets)")
+    X = np.asarray(images).astype(np.float32) / np.float32(255)
+    return X.reshape((len(X),) + model.input_shape) - model.input_mean
+
+
+def _find(data_dir, kind):
+    """The MNIST test file of `kind` (images/labels): the official name, or a subset named like
+    the shared copy (t10k-8000-images-idx3-ubyte.gz)."""
+    suffix = {"images": "idx3-ubyte", "labels": "idx1-ubyte"}[kind]
+    for name in (f"t10k-{kind}-{suffix}.gz", f"t10k-{kind}-{suffix}"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    found = sorted(data_dir.glob(f"t10k-*{kind}-{suffix}*"))
+    if len(found) == 1:
+        return found[0]
+    raise ModelError(f"{data_dir}: " + (f"several MNIST test {kind} files ("
+                     + ", ".join(p.name for p in found) + ")" if found else
+                     f"no t10k-{kind}-{suffix}.gz (the MNIST test {kind})")
+                     + "; point --data_dir= at the folder of the MNIST files")
+
+
+def load_test_set(model, data_dir=None, center="own"):
+    """(X preprocessed float32, labels int) of the model's dataset's test set."""
+    from bc_datasets import DatasetError  # numpy and scipy only, like this file
+    dataset, data = model.meta.get("dataset"), model.meta.get("data", {})
+    try:
+        if dataset == "mnist":
+            from bc_datasets import read_idx
+            d = Path(data_dir or data.get("data_dir", "data/mnist"))
+            images, labels = read_idx(_find(d, "images")), read_idx(_find(d, "labels"))
+            if images.shape[1:] != (28, 28) or labels.shape != (len(images),):
+                raise ModelError(f"{d}: MNIST test files of shapes {images.shape} and "
+                                 f"{labels.shape}, expected (N, 28, 28) and (N,)")
+            if center == "train":
+                return preprocess(model, images), labels.astype(np.int64)
+            # SPEC 6.1, as bc_datasets centres each split: float32 /255 minus the file's own
+            # per-pixel mean, accumulated in float64.
+            X = images.astype(np.float32) / np.float32(255)
+            X -= X.mean(axis=0, dtype=np.float64).astype(np.float32)
+            return X.reshape(-1, 1, 28, 28), labels.astype(np.int64)
+        if dataset == "cifar10":
+            from bc_datasets import load_cifar10
+            d = data_dir or data.get("data_dir", "data/cifar10")
+            _, _, (X, y) = load_cifar10(d, train_set_size=data.get("train_set_size", 45000),
+                                        verify_checksums=data.get("verify_checksums", True),
+                                        download=False)
+            return X, y.argmax(1)
+        if dataset == "svhn":
+            from bc_datasets import load_svhn
+            _, _, (X, y) = load_svhn(data_dir or data.get("SVHN_LOCAL_PATH",
+                                                          "data/svhn/preprocessed"))
+            return X, y.argmax(1)
+    except DatasetError as e:
+        raise ModelError(str(e)) from None
+    raise ModelError(f"{model.path}: unknown dataset {dataset!r}")
+
+
+def score(logits, labels, batch_size=None, loss_reduction="mean"):
+    """(error %, squared hinge loss, examples scored) by the training report's rules: full batches
+    of batch_size only; error = mean of the per-batch error fractions * 100; loss = mean over N x
+    10 of max(0, 1 - t*y)^2 with t = +-1 (loss_reduction "sum_classes": summed over the outputs,
+    SPEC 9). batch_size None scores every example as one batch."""
+    n = len(logits) if batch_size is None else len(logits) // batch_size * batch_size
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    size = batch_size or n
+    y = logits[:n].astype(np.float64)
+    t = 2. * np.eye(y.shape[1])[labels[:n]] - 1.
+    wrong = (y.argmax(1) != labels[:n]).reshape(-1, size).mean(1)
+    hinge = np.square(np.maximum(1. - t * y, 0.))
+    loss = hinge.sum(1).mean() if loss_reduction == "sum_classes" else hinge.mean()
+    return float(wrong.mean()) * 100, float(loss), n
+
+
+def _str2(x):
+    # training.str2, repeated: training.py imports torch, which this file must not.
+    s = "%.12g" % x
+    return s + ".0" if s.lstrip("-").isdigit() else s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL.npz")
+    p.add_argument("--data_dir", help="the dataset's folder (SVHN: svhn_preprocessing.py's "
+                                      "output); default: where the run read it")
+    p.add_argument("--SVHN_LOCAL_PATH", help="the same as --data_dir, for SVHN models")
+    p.add_argument("--all", action="store_true",
+                   help="score every test image, not only the report's full batches")
+    p.add_argument("--center", choices=("own", "train"), default="own",
+                   help="MNIST: centre the test set with its own mean (the original's, default) "
+                        "or with the stored training mean")
+    p.add_argument("--batch_size", type=int, help="default: the run's batch_size")
+    args = p.parse_args(argv)
+    try:
+        model = load(args.model)
+        data = model.meta.get("data", {})
+        batch_size = args.batch_size or data.get("batch_size", 100)
+        if batch_size < 1:
+            raise ModelError(f"--batch_size={batch_size}: must be positive")
+        X, labels = load_test_set(model, args.data_dir or args.SVHN_LOCAL_PATH, args.center)
+        logits = predict_batches(model, X)
+        reduction = model.meta.get("source", {}).get("hparams", {}).get("loss_reduction", "mean")
+        err, loss, n = score(logits, labels, None if args.all else batch_size, reduction)
+        if n == 0:
+            raise ModelError(f"the test set has {len(labels)} examples, fewer than "
+                             f"batch_size={batch_size}; use --all")
+        print(f"{model.path}: {model.meta.get('dataset')}, {model.meta.get('variant')}, "
+              f"1-bit weights; {n} of {len(labels)} test images"
+              + ("" if args.all else f" (full batches of {batch_size}, as the report counts)"))
+        print("  test loss:".ljust(33) + _str2(loss))
+        print("  test error rate:".ljust(33) + _str2(err) + "%")
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -468,7 +468,10 @@ class TrainStep:
             self._first_compiled_step()
         elif self.mode == "graph" and self.steps >= WARMUP_STEPS:
             self._capture()
-            self.graph.replay() if self.graph is not None else self._step()
+            if self.graph is not None:
+                self.graph.replay()
+            else:  # the capture failed: the compiled step without a graph from now on
+                self._step()
         elif self.mode == "graph":
             self._side_stream_step()
         else:
@@ -481,7 +484,10 @@ class TrainStep:
         runs eagerly (the layers keep their counter streams, so the run stays the same run)."""
         saved = _snapshot(self.model, self.optimizer), self.i.clone(), self.losses.clone()
         try:
-            self._side_stream_step() if self.mode == "graph" else self._step()
+            if self.mode == "graph":
+                self._side_stream_step()
+            else:
+                self._step()
         except Exception as e:  # dynamo, inductor and the C++/Triton compilers raise many kinds
             _restore(self.model, self.optimizer, saved[0])
             self.i.copy_(saved[1])
@@ -692,6 +698,7 @@ def _load_checkpoint(run, model, optimizer, n_train):
     state = {k: checkpoint[k] for k in ("epoch", "batch", "LR", "best_val_err", "best_epoch",
                                          "test_err", "test_loss", "history", "losses", "order")}
     state["elapsed"] = checkpoint.get("elapsed", 0.)
+    state["unreported"] = checkpoint.get("unreported", 0.)
     print(f"Resumed from {path}: epoch {state['epoch']} done"
           + (f", {state['batch']} batches into epoch {state['epoch'] + 1}" if state["batch"]
              else ""))
@@ -748,7 +755,7 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
     step = TrainStep(model, optimizer, train_set, batch_size, loss_reduction, mode, precision)
 
     state = dict(epoch=0, batch=0, LR=LR_start, best_val_err=100., best_epoch=1,
-                 test_err=None, test_loss=None, history=[], losses=None, elapsed=0.,
+                 test_err=None, test_loss=None, history=[], losses=None, elapsed=0., unreported=0.,
                  order=np.arange(train_set.n))
     if run.resume:
         state = _load_checkpoint(run, model, optimizer, train_set.n)
@@ -805,17 +812,21 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
                         state["best_val_err"], state["best_epoch"] = val_err, epoch
                         state["test_err"], state["test_loss"] = evaluation(test_set)
                     seconds = time.time() - start_time
+                    # metrics.jsonl's seconds also count the epochs since its previous line
+                    # (monitor_step > 1), so that they add up to the run's time
                     metrics = dict(epoch=epoch, LR=LR, train_loss=train_loss, val_loss=val_loss,
                                    val_err=val_err, best_epoch=state["best_epoch"],
                                    best_val_err=state["best_val_err"],
                                    test_loss=state["test_loss"], test_err=state["test_err"],
-                                   seconds=seconds)
+                                   seconds=seconds + state["unreported"])
+                    state["unreported"] = 0.
                     print(report(epoch, num_epochs, seconds, metrics))
                     if val_loss > 1000:
                         print(BIG_LOSS_NOTE)
                     state["history"].append(metrics)
                 else:
                     seconds = time.time() - start_time
+                    state["unreported"] += seconds
                     print(f"Epoch {epoch} of {num_epochs} took {str2(seconds)}s (training "
                           f"loss {str2(train_loss)}; evaluated every {monitor_step} epochs)")
                 sys.stdout.flush()

@@ -163,6 +163,13 @@ def test_monitor_step_evaluates_and_reshuffles_every_k_epochs(tmp_path):
             sys.stdout.file.close()
             sys.stdout = saved
     assert [h["epoch"] for h in history] == [2, 4, 5]  # every 2 epochs, and the last
+    # the seconds of metrics.jsonl add up to the run's: a line counts the epochs since the last
+    log = (tmp_path / "run" / "log.txt").read_text()
+    import re
+    took = [float(x) for x in re.findall(r"^Epoch \d+ of 5 took ([0-9.e-]+)s", log, re.M)]
+    assert len(took) == 5
+    assert [h["seconds"] for h in history] == pytest.approx(
+        [took[0] + took[1], took[2] + took[3], took[4]], rel=1e-6)
     # the order changes only after an evaluated epoch
     same = [np.array_equal(a, b) for a, b in zip(orders, orders[1:])]
     assert same == [True, False, True, False]

@@ -155,6 +155,11 @@ class BinaryLayerMixin:
             return Wb
         return _StraightThrough.apply(self.weight, Wb.detach())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the draw counter existed (version 1) have none.
+        state_dict.setdefault(prefix + "draws", torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self):
         return (super().extra_repr() + f", binary={self.binary}, stochastic={self.stochastic}, "
                 f"H={self.H}, W_LR_scale={self.W_LR_scale}")

@@ -147,31 +147,14 @@ def binarized_copy(model, rule, generator=None):
     return net.eval()
 
 
-def ensemble_evaluate(model, splits, batch_size, samples, generator, loss_reduction="mean"):
-    """The mean output of `samples` sampled binary networks, scored like training.evaluate: full
-    batches only; error = mean of the per-batch error fractions * 100; loss = the squared hinge of
-    the mean output, mean over N x 10 (loss_reduction "sum_classes": summed over the outputs, SPEC
-    9). Returns [(error %, loss)] for each split."""
-    sums = [torch.zeros(split.n // batch_size * batch_size, 10, dtype=torch.float64,
-                        device=split.device) for split in splits]
-    for _ in range(samples):
-        net = binarized_copy(model, "sample", generator)
-        with torch.no_grad():
-            for split, total in zip(splits, sums):
-                for i in range(split.n // batch_size):
-                    x, _ = split.rows(i * batch_size, (i + 1) * batch_size)
-                    total[i * batch_size:(i + 1) * batch_size] += net(x).double()
-        del net
-    results = []
-    for split, total in zip(splits, sums):
-        n_batches = split.n // batch_size
-        y = total / samples
-        t = split.y[:n_batches * batch_size].double()
-        hinge = torch.square(torch.clamp(1. - t * y, min=0.))
-        loss = hinge.sum(1).mean() if loss_reduction == "sum_classes" else hinge.mean()
-        err = (y.argmax(1) != t.argmax(1)).double().view(n_batches, batch_size).mean(1)
-        results.append((float(err.mean()) * 100, float(loss)))
-    return results
+def ensemble(model, samples, generator):
+    """The mean output of `samples` binary networks sampled from `model` with the stochastic
+    rule: a forward function for training.evaluate, which scores it as it scores any network."""
+    nets = [binarized_copy(model, "sample", generator) for _ in range(samples)]
+
+    def forward(x):
+        return sum(net(x) for net in nets) / samples
+    return forward
 
 
 def default_modes(hp):
@@ -206,20 +189,18 @@ def evaluate_modes(model, hp, modes, val_set, test_set, batch_size, samples=10, 
     import training
     device = val_set.device
     reduction = hp.get("loss_reduction", "mean")
-    # Passed only when it is not the default, so an evaluate() without the option still works.
-    kwargs = {} if reduction == "mean" else dict(loss_reduction=reduction)
     out = {}
     for mode in modes:
+        forward = None
         if mode == "ensemble":
-            generator = torch.Generator(device=device).manual_seed(seed)
-            (val_err, val_loss), (test_err, test_loss) = ensemble_evaluate(
-                model, [val_set, test_set], batch_size, samples, generator, reduction)
+            net = model
+            forward = ensemble(model, samples, torch.Generator(device=device).manual_seed(seed))
         else:
             # "real" is the model's own eval for stochastic BC and for binary=False; for
             # deterministic BC the model already evaluates with the sign, so "real" needs W as is.
             net = binarized_copy(model, "sign") if mode == "sign" else _real_copy(model)
-            val_err, val_loss = training.evaluate(net, val_set, batch_size, **kwargs)
-            test_err, test_loss = training.evaluate(net, test_set, batch_size, **kwargs)
+        val_err, val_loss = training.evaluate(net, val_set, batch_size, reduction, forward)
+        test_err, test_loss = training.evaluate(net, test_set, batch_size, reduction, forward)
         out[mode] = dict(val_err=val_err, val_loss=val_loss, test_err=test_err,
                          test_loss=test_loss)
     return out
@@ -234,24 +215,19 @@ def _real_copy(model):
 
 
 def format_block(title, m):
-    from training import str2
+    from training import report_line, str2
     rows = [("validation loss:", str2(m["val_loss"])),
             ("validation error rate:", str2(m["val_err"]) + "%"),
             ("test loss:", str2(m["test_loss"])), ("test error rate:", str2(m["test_err"]) + "%")]
-    # The training report's layout (training.report): two spaces, label padded to 33 characters.
-    return "\n".join([f"Test-time mode: {title}"] + [("  " + l).ljust(33) + v for l, v in rows])
+    return "\n".join([f"Test-time mode: {title}"] + [report_line(l, v) for l, v in rows])
 
 
 def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from training import select_device
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name}: not a torch device (try auto, cpu, cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: CUDA is not available here")
-    return device
+        return select_device(name)
+    except SystemExit as e:  # its message names the device and what is accepted
+        raise UserError(str(e.code).removeprefix("error: ")) from None
 
 
 def _bool(text):
@@ -309,7 +285,7 @@ def main(argv=None):
         val_set = training.Split(X_val, 2 * np.asarray(y_val, np.float32) - 1, device)
         test_set = training.Split(X_test, 2 * np.asarray(y_test, np.float32) - 1, device)
         model.to(device)
-        from plot import variant
+        from results import variant
         print(f"{ckpt_path}: {script}, {variant(hp)}, epoch {ckpt.get('epoch', '?')}; "
               f"{val_set.n // batch_size * batch_size} validation and "
               f"{test_set.n // batch_size * batch_size} test examples (full batches of "

@@ -189,7 +189,7 @@ def save_npz(path, arrays):
 
 def export(path, out, checkpoint="best", data_dir=None, script=None, log=print):
     """Export the run's checkpoint to `out`; returns (npz bytes, float32 state-dict bytes)."""
-    from plot import variant
+    from results import variant
     model, hp, script, ckpt, ckpt_path = load_trained(path, checkpoint, script)
     if not hp.get("binary", True):
         raise UserError(f"{ckpt_path}: a binary=False network has no binary weights to export; "

@@ -8,8 +8,8 @@ Per run (the first form):
                             (solid, bottom panel) per epoch, one colour per run;
   weights_hist_<run>.png    the histogram of one binary layer's real-valued weights.
 
-The paper's figures (--figures), one panel or one colour per variant (no regularizer, dropout,
-deterministic BC, stochastic BC, from each run's hyperparameters):
+The paper's figures (--figures), one panel or one colour per variant (No regularizer, 50% Dropout,
+BinaryConnect (det.), BinaryConnect (stoch.): results.variant, from each run's hyperparameters):
   figure1_features.png      Figure 1: some first-layer units of the MNIST MLP, each unit's 784
                             weights drawn as a 28x28 image (MNIST runs);
   figure2_histograms.png    Figure 2: histograms of the MNIST first layer's real-valued weights;
@@ -29,6 +29,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from atomic import atomic_write
+from results import variant
 
 # Below this many epochs every point gets a marker: a one-epoch curve is a single point, which a
 # line alone does not draw.
@@ -66,17 +67,6 @@ def load_run(run_dir):
         if lacking:
             raise RunError(f"{run_dir / 'metrics.jsonl'}: line {i + 1} lacks {', '.join(lacking)}")
     return hparams, metrics
-
-
-def variant(hparams):
-    """The paper's name for a run's variant, from its hyperparameters (a hparams.json record or
-    the hyperparameter dict itself)."""
-    hp = hparams["hparams"] if isinstance(hparams.get("hparams"), dict) else hparams
-    dropout = hp.get("dropout_in", 0) or hp.get("dropout_hidden", 0)
-    if not hp.get("binary", True):
-        return "dropout" if dropout else "no regularizer"
-    name = "stochastic BC" if hp.get("stochastic", True) else "deterministic BC"
-    return name + (" + dropout" if dropout else "")
 
 
 def _labels(runs):

@@ -111,15 +111,16 @@ def load_run(run_dir):
 
 
 def variant(hp):
-    """The Table 2 row these hyperparameters make."""
-    dropout = ""
-    if hp.get("dropout_hidden") or hp.get("dropout_in"):
-        dropout = f"{hp.get('dropout_hidden', 0):.0%} Dropout"
-        if hp.get("dropout_in"):
-            dropout += f" (inputs {hp['dropout_in']:.0%})"
-    if not hp["binary"]:
+    """The Table 2 row these hyperparameters make (a hparams.json record or the hyperparameters
+    themselves): the one name of a run's variant, in tables, plots and exports."""
+    hp = hp["hparams"] if isinstance(hp.get("hparams"), dict) else hp
+    hidden, inputs = hp.get("dropout_hidden", 0), hp.get("dropout_in", 0)
+    dropout = f"{hidden:.0%} Dropout" if hidden else ""
+    if inputs:
+        dropout = f"{dropout} (inputs {inputs:.0%})" if hidden else f"{inputs:.0%} input Dropout"
+    if not hp.get("binary", True):
         return dropout or "No regularizer"
-    bc = "BinaryConnect (stoch.)" if hp["stochastic"] else "BinaryConnect (det.)"
+    bc = "BinaryConnect (stoch.)" if hp.get("stochastic", True) else "BinaryConnect (det.)"
     return bc + (f" + {dropout}" if dropout else "")
 
 

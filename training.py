@@ -320,8 +320,13 @@ def recompute_bn_statistics(model, splits, batch_size):
         bn.collect_statistics(False)
 
 
+def report_line(label, value):
+    """§5: two spaces and the label, padded to 33 characters, then the value."""
+    return ("  " + label).ljust(33) + value
+
+
 def report(epoch, num_epochs, seconds, m):
-    """§5: the original's nine-line report, labels padded to 33 characters."""
+    """§5: the original's nine-line report."""
     rows = [("LR:", str2(m["LR"])), ("training loss:", str2(m["train_loss"])),
             ("validation loss:", str2(m["val_loss"])),
             ("validation error rate:", str2(m["val_err"]) + "%"),
@@ -329,7 +334,7 @@ def report(epoch, num_epochs, seconds, m):
             ("best validation error rate:", str2(m["best_val_err"]) + "%"),
             ("test loss:", str2(m["test_loss"])), ("test error rate:", str2(m["test_err"]) + "%")]
     lines = [f"Epoch {epoch} of {num_epochs} took {str2(seconds)}s"]
-    lines += [("  " + label).ljust(33) + value for label, value in rows]
+    lines += [report_line(label, value) for label, value in rows]
     return "\n".join(lines)
 
 

@@ -183,7 +183,8 @@ def test_curves_two_panels_markers_and_legend_outside(tmp_path, epochs, markers)
     legend = fig.legends[0].get_window_extent()
     assert legend.x0 >= max(ax.get_window_extent().x1 for ax in (ax_loss, ax_err))
     texts = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert texts == ["stochastic BC", "deterministic BC", "training cost", "validation error"]
+    assert texts == ["BinaryConnect (stoch.)", "BinaryConnect (det.)", "training cost",
+                     "validation error"]
     if epochs == 1:
         low, high = ax_err.get_xlim()
         assert [t for t in ax_err.get_xticks() if low <= t <= high] == [1]
@@ -195,12 +196,12 @@ def test_curves_two_panels_markers_and_legend_outside(tmp_path, epochs, markers)
 
 def test_variant_names():
     plot = _import_plot()
-    for hp, name in [({"binary": False}, "no regularizer"),
-                     ({"binary": False, "dropout_hidden": 0.5}, "dropout"),
-                     ({"binary": True, "stochastic": False}, "deterministic BC"),
+    for hp, name in [({"binary": False}, "No regularizer"),
+                     ({"binary": False, "dropout_hidden": 0.5}, "50% Dropout"),
+                     ({"binary": True, "stochastic": False}, "BinaryConnect (det.)"),
                      ({"binary": True, "stochastic": True, "dropout_in": 0.2},
-                      "stochastic BC + dropout"),
-                     ({}, "stochastic BC")]:
+                      "BinaryConnect (stoch.) + 20% input Dropout"),
+                     ({}, "BinaryConnect (stoch.)")]:
         assert plot.variant({"hparams": hp}) == name
         assert plot.variant(hp) == name
 
@@ -227,8 +228,8 @@ def test_paper_figures(tmp_path):
 
     plot = _import_plot()
     fig1 = plot.features_figure(mnist, units=25)
-    assert [ax.get_title() for ax in _panels(fig1)] == ["no regularizer", "dropout",
-                                                         "deterministic BC", "stochastic BC"]
+    assert [ax.get_title() for ax in _panels(fig1)] == [
+        "No regularizer", "50% Dropout", "BinaryConnect (det.)", "BinaryConnect (stoch.)"]
     image = _panels(fig1)[0].get_images()[0].get_array()
     assert image.shape == (5 * 29 - 1, 5 * 29 - 1)  # 5 x 5 units of 28 x 28, 1-pixel gaps
     fig2 = plot.histograms_figure(mnist)

@@ -1,8 +1,8 @@
-"""Dataset loaders for the BinaryConnect reproduction (SPEC sections 4.2-4.4 and 6).
+"""Dataset loaders for the BinaryConnect reproduction (§4.2–4.4 and §6).
 
 Every loader returns ``(train_set, valid_set, test_set)``, each ``(X, y)`` with X float32 in bc01 layout
 (N, C, H, W), C-contiguous, and y one-hot float32 (N, 10) with values {0, 1}. The experiment scripts map
-y to hinge targets with ``2*y - 1`` themselves (SPEC 4.1).
+y to hinge targets with ``2*y - 1`` themselves (§4.1).
 
 All user-facing data problems raise :class:`DatasetError`, whose message says which file or directory is
 involved and what to do about it.
@@ -44,6 +44,14 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+# A file under another name (a subset such as t10k-8000-images-idx3-ubyte.gz, a renamed copy) is
+# found by these patterns when the official name is absent.
+MNIST_PATTERNS = {
+    "train-images-idx3-ubyte.gz": "train*images*idx3*",
+    "train-labels-idx1-ubyte.gz": "train*labels*idx1*",
+    "t10k-images-idx3-ubyte.gz": "t10k*images*idx3*",
+    "t10k-labels-idx1-ubyte.gz": "t10k*labels*idx1*",
+}
 # torchvision's order: the S3 copy first, since yann.lecun.com often refuses downloads.
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 
@@ -59,7 +67,7 @@ CIFAR10_BATCHES = {
     "test_batch": "40351d587109b95175f43aff81a1287e",
 }
 CIFAR10_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
-# SPEC 6.2: pylearn2_gcn_whitened = GCN(scale=55) then ZCA(filter_bias=0.1). Bump the version whenever the
+# §6.2: pylearn2_gcn_whitened = GCN(scale=55) then ZCA(filter_bias=0.1). Bump the version whenever the
 # cached arrays would change for the same sources and parameters.
 CIFAR10_GCN = dict(scale=55., subtract_mean=True, use_std=False, sqrt_bias=0., min_divisor=1e-8)
 CIFAR10_ZCA_FILTER_BIAS = 0.1
@@ -125,7 +133,8 @@ def fetch_all(data_dir, files, mirrors, verify_checksums=True, download=True, wh
 
     A present file is checked against its MD5 (when verify_checksums); a missing one is downloaded from
     the first mirror that works. If some stay missing, ONE DatasetError lists them all, the directory
-    and where to get them.
+    and where to get them. Directories this call creates for the downloads are removed again if no
+    file lands in them.
     """
     data_dir = Path(data_dir)
     paths, missing = {}, []
@@ -142,26 +151,37 @@ def fetch_all(data_dir, files, mirrors, verify_checksums=True, download=True, wh
 
     errors = []
     if missing and download:
+        # A download that fails must not leave behind the directory it was going to fill (a
+        # misspelt --data_dir would otherwise become a new empty directory): the ones made here
+        # are removed again if no file lands in them.
+        created = [d for d in (data_dir, *data_dir.parents) if not d.exists()]
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             errors.append(f"Cannot create {data_dir}: {e}")
-        dead = set()  # mirrors that did not answer at all are not retried for the next files
-        for name in list(missing) if not errors else []:
-            for mirror in mirrors:
-                if mirror in dead:
-                    continue
-                url = _url(mirror, name)
+        try:
+            dead = set()  # mirrors that did not answer at all are not retried for the next files
+            for name in list(missing) if not errors else []:
+                for mirror in mirrors:
+                    if mirror in dead:
+                        continue
+                    url = _url(mirror, name)
+                    try:
+                        paths[name] = _download_file(url, data_dir / name,
+                                                     files[name] if verify_checksums else None)
+                        missing.remove(name)
+                        break
+                    except DatasetError as e:
+                        errors.append(str(e))
+                        cause = e.__cause__
+                        if isinstance(cause, OSError) and not isinstance(cause, urllib.error.HTTPError):
+                            dead.add(mirror)
+        finally:  # Ctrl-C during a download too
+            for d in created:  # deepest first; rmdir refuses a directory that is not empty
                 try:
-                    paths[name] = _download_file(url, data_dir / name,
-                                                 files[name] if verify_checksums else None)
-                    missing.remove(name)
+                    d.rmdir()
+                except OSError:
                     break
-                except DatasetError as e:
-                    errors.append(str(e))
-                    cause = e.__cause__
-                    if isinstance(cause, OSError) and not isinstance(cause, urllib.error.HTTPError):
-                        dead.add(mirror)
 
     if missing:
         why = "; ".join(errors) if errors else "Downloading is disabled (download=False)"
@@ -194,7 +214,7 @@ def one_hot(labels) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MNIST (SPEC 4.2, 6.1)
+# MNIST (§4.2, §6.1)
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -233,36 +253,80 @@ def _mnist_split(images_path, labels_path):
     if labels.shape != (len(images),) or labels.max(initial=0) > 9:
         raise DatasetError(f"{labels_path}: expected {len(images)} labels in 0..9 to match "
                            f"{images_path}, got shape {labels.shape}")
-    # SPEC 6.1: float32 pixels / 255, then center=True subtracts the per-pixel mean of the whole file
+    # §6.1: float32 pixels / 255, then center=True subtracts the per-pixel mean of the whole file
     # that was read (before any start/stop slicing). The mean is accumulated in float64 for accuracy.
     X = images.astype(np.float32) / np.float32(255)
     X -= X.mean(axis=0, dtype=np.float64).astype(np.float32)
     return X.reshape(-1, 1, 28, 28), one_hot(labels)
 
 
-def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=True, mirrors=None):
+def _find_mnist_file(data_dir: Path, name: str) -> Path | None:
+    """The one file of ``data_dir`` matching ``name``'s pattern (e.g. t10k*images*idx3*), or None."""
+    pattern = MNIST_PATTERNS[name]
+    found = sorted(p for p in data_dir.glob(pattern) if p.is_file())
+    if len(found) > 1:
+        raise DatasetError(
+            f"MNIST: {name} is not in {data_dir}, and {len(found)} files there match {pattern}: "
+            f"{', '.join(p.name for p in found)}; keep only the one to use, or rename it {name}, or "
+            f"name it with load_mnist(files={{{name!r}: path}})")
+    return found[0] if found else None
+
+
+def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=True, mirrors=None,
+               files=None):
     """MNIST as in [P2:datasets/mnist.py]: train = train file [0:train_set_size], valid = the rest.
 
-    Uncompressed copies (the official names without '.gz') are accepted; no MD5 is published for them, so
-    they are only checked for a consistent idx header and size.
+    Each of the four files is, in this order: ``files[official name]`` when given (a path); the
+    official name in ``data_dir``; its uncompressed copy (the name without '.gz'); the only file of
+    ``data_dir`` matching its pattern (``MNIST_PATTERNS``, e.g. ``t10k-8000-images-idx3-ubyte.gz``
+    for t10k*images*idx3*); else it is downloaded. Only a file under the official '.gz' name is
+    checked against the official MD5: a copy under another name is an uncompressed file, a subset or
+    a mirror's copy, whose MD5 is not the published one; a note names each such file. Every file is
+    checked for a consistent idx header and size.
     """
     data_dir = Path(data_dir)
+    files = dict(files or {})
+    if unknown := sorted(set(files) - set(MNIST_FILES)):
+        raise DatasetError(f"MNIST: files= takes the official names as keys ({', '.join(MNIST_FILES)}), "
+                           f"got {', '.join(map(repr, unknown))}")
     paths, needed = {}, {}
     for name, md5 in MNIST_FILES.items():
-        raw = data_dir / name[:-len(".gz")]
-        if not (data_dir / name).is_file() and raw.is_file():
-            paths[name] = raw
+        if name in files:
+            path, how = Path(files[name]), "given in files="
+            if not path.is_file():
+                raise DatasetError(f"MNIST: {path}, given in files= for {name}, is not a file")
+        elif (data_dir / name).is_file():
+            needed[name] = md5  # fetch_all checks its MD5
+            continue
+        elif (data_dir / name[:-len(".gz")]).is_file():
+            paths[name] = data_dir / name[:-len(".gz")]  # no MD5 published for it: no note either
+            continue
+        elif path := _find_mnist_file(data_dir, name):
+            how = f"found by its prefix, {MNIST_PATTERNS[name]}"
         else:
             needed[name] = md5
-    paths.update(fetch_all(data_dir, needed, tuple(mirrors or MNIST_MIRRORS), verify_checksums, download,
-                           what="MNIST", alternatives="(uncompressed copies without '.gz' work too)"))
+            continue
+        if path.name == name:
+            if verify_checksums and (got := md5sum(path)) != md5:
+                raise _corrupt(path, got, md5)
+        else:
+            print(f"MNIST: using {path} as {name} ({how}); its MD5 is not checked, since under "
+                  f"another name it is a subset or a copy", flush=True)
+        paths[name] = path
+    patterns = ", ".join(MNIST_PATTERNS[name] for name in needed if not (data_dir / name).is_file())
+    paths.update(fetch_all(
+        data_dir, needed, tuple(mirrors or MNIST_MIRRORS), verify_checksums, download, what="MNIST",
+        alternatives=f"(uncompressed copies without '.gz' work too, and so do files under other names "
+                     f"found by prefix, one per pattern: {patterns}, e.g. a subset such as "
+                     f"t10k-8000-images-idx3-ubyte.gz, whose MD5 is not checked; from Python, "
+                     f"load_mnist(files={{official name: path}}) names them)"))
     X, y = _mnist_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
     X_test, y_test = _mnist_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
     return _split_train(X, y, train_set_size) + ((X_test, y_test),)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# CIFAR-10 (SPEC 4.3, 6.2)
+# CIFAR-10 (§4.3, §6.2)
 
 class _BatchUnpickler(pickle.Unpickler):
     """Only what an official CIFAR-10 batch needs (a dict of lists, strings and a uint8 array), so a
@@ -333,7 +397,7 @@ def _cifar10_sources(data_dir, verify_checksums, download, mirrors) -> dict:
 
 
 def _gcn_zca(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC 6.2 on uint8 design matrices: GCN per image, then ZCA fit on all of ``train``."""
+    """§6.2 on uint8 design matrices: GCN per image, then ZCA fit on all of ``train``."""
     g_train = preprocessing.global_contrast_normalize(train.astype(np.float32), **CIFAR10_GCN)
     g_test = preprocessing.global_contrast_normalize(test.astype(np.float32), **CIFAR10_GCN)
     mean, P = preprocessing.zca_fit(g_train, filter_bias=CIFAR10_ZCA_FILTER_BIAS)
@@ -387,7 +451,7 @@ def _load_cache(entry: Path, names) -> dict | None:
 
 def load_cifar10(data_dir, train_set_size=45000, verify_checksums=True, download=True, mirrors=None,
                  cache_dir=None):
-    """CIFAR-10 preprocessed like pylearn2's ``pylearn2_gcn_whitened`` (SPEC 6.2).
+    """CIFAR-10 preprocessed like pylearn2's ``pylearn2_gcn_whitened`` (§6.2).
 
     Reads ``data_dir/cifar-10-batches-py/`` if it holds all six batches, else ``cifar-10-python.tar.gz``
     (downloaded if absent). train = rows [0:train_set_size] of data_batch_1..5 in file order, valid = the
@@ -409,7 +473,7 @@ def load_cifar10(data_dir, train_set_size=45000, verify_checksums=True, download
         batches = {name: _parse_cifar_batch(raw, origin) for name, (raw, _, origin) in sources.items()}
         print(f"Building the preprocessed CIFAR-10 cache (GCN scale 55 + ZCA fit on the training images; "
               f"takes minutes): {entry}", flush=True)
-        train = [batches[f"data_batch_{i}"] for i in range(1, 6)]  # file order, SPEC 4.3
+        train = [batches[f"data_batch_{i}"] for i in range(1, 6)]  # file order, §4.3
         X_train, X_test = _gcn_zca(np.concatenate([d for d, _ in train]), batches["test_batch"][0])
         # The design matrix rows are in c01 order (1024 R, 1024 G, 1024 B), so this reshape is bc01.
         arrays = {"train_X": X_train.reshape(-1, 3, 32, 32), "train_y": np.concatenate([l for _, l in train]),
@@ -421,7 +485,7 @@ def load_cifar10(data_dir, train_set_size=45000, verify_checksums=True, download
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SVHN (SPEC 4.4, 6.3). The split and GCN/LCN live in svhn_preprocessing.py; this reads its inputs/outputs.
+# SVHN (§4.4, §6.3). The split and GCN/LCN live in svhn_preprocessing.py; this reads its inputs/outputs.
 
 def svhn_mat_files(data_dir, verify_checksums=True, download=True, mirrors=None) -> dict:
     """{'train'|'test'|'extra': path of the official format-2 .mat file}, downloading missing ones."""

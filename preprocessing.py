@@ -1,9 +1,9 @@
 """pylearn2's preprocessing rebuilt in numpy/scipy: GCN, ZCA, LeCun LCN and the SVHN train/valid split.
 
-Each function says which pylearn2 function it mirrors and which section of ../shared/SPEC.md it
+Each function says which pylearn2 function it mirrors and which section of docs/original.md it
 follows. pylearn2 computed in float32 (Theano floatX); here every reduction and convolution is done in
 float64 and the result is rounded to float32 once, so results agree with pylearn2 to float32 rounding
-(pylearn2 itself was not bit-reproducible across platforms, SPEC 6.2).
+(pylearn2 itself was not bit-reproducible across platforms, §6.2).
 """
 import numpy as np
 from scipy import ndimage
@@ -14,7 +14,7 @@ _BLOCK_ROWS = 2048
 
 def global_contrast_normalize(X, scale=1., subtract_mean=True, use_std=False, sqrt_bias=0.,
                               min_divisor=1e-8):
-    """pylearn2.expr.preprocessing.global_contrast_normalize (SPEC 6.2 step 2, 6.3 step 1).
+    """pylearn2.expr.preprocessing.global_contrast_normalize (§6.2 step 2, §6.3 step 1).
 
     X: 2-D design matrix (N, D). Per row: subtract the row mean (if subtract_mean), then divide by
     sqrt(sqrt_bias + sum of squares) / scale, or by sqrt(sqrt_bias + var(ddof=1)) / scale with
@@ -41,7 +41,7 @@ def global_contrast_normalize(X, scale=1., subtract_mean=True, use_std=False, sq
 
 
 def zca_fit(X, filter_bias=0.1):
-    """Fit pylearn2.datasets.preprocessing.ZCA (defaults: no component dropping), SPEC 6.2 step 3.
+    """Fit pylearn2.datasets.preprocessing.ZCA (defaults: no component dropping), §6.2 step 3.
 
     mean = per-feature mean; C = (X-mean)^T (X-mean) / N + filter_bias*I, accumulated in float64 over
     row blocks (no float64 copy of X); C = V diag(lam) V^T (lam includes the bias);
@@ -86,7 +86,7 @@ def _gaussian_1d(kernel_size, sigma):
 
 
 def gaussian_filter(kernel_size=7, sigma=2.0):
-    """pylearn2.datasets.preprocessing.gaussian_filter (SPEC 6.3): the 2-D Gaussian with the given
+    """pylearn2.datasets.preprocessing.gaussian_filter (§6.3): the 2-D Gaussian with the given
     sigma centred at (k//2, k//2), normalised to sum 1. float64 (pylearn2 rounded it to floatX)."""
     i = np.arange(kernel_size) - kernel_size // 2
     r2 = i[:, None] ** 2 + i[None, :] ** 2
@@ -104,7 +104,7 @@ def _local_sum(x, g):
 
 
 def lecun_lcn(X, kernel_size=7, threshold=1e-4, channels=(0,)):
-    """pylearn2.datasets.preprocessing.lecun_lcn applied by LeCunLCN.transform (SPEC 6.3).
+    """pylearn2.datasets.preprocessing.lecun_lcn applied by LeCunLCN.transform (§6.3).
 
     X: (N, C, H, W). For each listed channel of each image x:
     local mean = Gaussian(kernel_size, sigma=2) filter of x, zero-padded ('full' conv cropped);
@@ -136,7 +136,7 @@ def lecun_lcn(X, kernel_size=7, threshold=1e-4, channels=(0,)):
 
 
 def svhn_gcn_lcn(X, channels=(0,)):
-    """The SVHN pipeline of the original svhn_preprocessing.py (SPEC 6.3): GCN (scale 1) of each
+    """The SVHN pipeline of the original svhn_preprocessing.py (§6.3): GCN (scale 1) of each
     3072-value image, stored as float32 (the h5 file held float32 between the two steps), then
     LeCunLCN((32, 32)) on `channels`. X: (N, 3, 32, 32) in [0, 255] (any dtype); returns float32."""
     X = np.asarray(X)
@@ -145,7 +145,7 @@ def svhn_gcn_lcn(X, channels=(0,)):
 
 
 def split_train_valid(train_labels, extra_labels, seed=322, n_valid_train=400, n_valid_extra=200):
-    """pylearn2.datasets.svhn.SVHN.make_data's split_train_valid plus its final shuffle (SPEC 6.3).
+    """pylearn2.datasets.svhn.SVHN.make_data's split_train_valid plus its final shuffle (§6.3).
 
     rng = RandomState(seed). For each label 1..10 in turn, shuffle the indices of that class in
     train and take the first n_valid_train for valid; then the same for extra with n_valid_extra,
@@ -199,5 +199,5 @@ def split_train_valid(train_labels, extra_labels, seed=322, n_valid_train=400, n
 
 def shuffle_order(n, seed=322):
     """The row order pylearn2's SVHN.make_data gave a set it did not split (test): a fresh
-    RandomState(seed) shuffles range(n) (SPEC 6.3). Output row i is source row order[i]."""
+    RandomState(seed) shuffles range(n) (§6.3). Output row i is source row order[i]."""
     return np.random.RandomState(seed).permutation(n)

@@ -1,4 +1,4 @@
-"""Preprocess SVHN as the original svhn_preprocessing.py did through pylearn2 (../shared/SPEC.md 6.3).
+"""Preprocess SVHN as the original svhn_preprocessing.py did through pylearn2 (docs/original.md §6.3).
 
     python svhn_preprocessing.py [config.py ...] [--key=value ...]
 
@@ -11,6 +11,8 @@ The sets are streamed in chunks of chunk_size images; each file is written under
 and renamed when complete, so an interrupted run never leaves a partial file under a final name.
 """
 import os
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -22,7 +24,7 @@ from preprocessing import shuffle_order, split_train_valid, svhn_gcn_lcn
 
 data_dir = "data/svhn"  # the official .mat files; missing ones are downloaded here
 SVHN_LOCAL_PATH = os.environ.get("SVHN_LOCAL_PATH", "data/svhn/preprocessed")  # output directory
-lcn_channels = "0"  # the original's quirk: LCN on channel 0 only (SPEC 6.3); "0,1,2" normalises all
+lcn_channels = "0"  # the original's quirk: LCN on channel 0 only (§6.3); "0,1,2" normalises all
 verify_checksums = True  # check the .mat files' MD5s before use
 chunk_size = 5000  # images per chunk (pylearn2 used batches of 5000)
 seed = 322  # pylearn2's RandomState seed for the split and the shuffles
@@ -56,7 +58,11 @@ class AtomicNpyWriter:
         if chunk.shape[1:] != self.shape[1:] or self.rows + len(chunk) > self.shape[0]:
             raise ValueError(f"{self.path}: chunk of shape {chunk.shape} does not fit rows "
                              f"{self.rows}.. of {self.shape}")
-        self._file.write(chunk.data)
+        try:
+            self._file.write(chunk.data)
+        except OSError as e:  # a full disk's error names no file: name the one being written
+            e.filename = e.filename or self.path
+            raise
         self.rows += len(chunk)
 
     def __exit__(self, exc_type, exc, tb):
@@ -64,11 +70,16 @@ class AtomicNpyWriter:
             short = RuntimeError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
             self._atomic.__exit__(RuntimeError, short, None)  # deletes the temporary file
             raise short
-        return self._atomic.__exit__(exc_type, exc, tb)
+        try:
+            return self._atomic.__exit__(exc_type, exc, tb)
+        except OSError as e:  # closing flushes what a failed write left in the buffer: a full
+            if e is not exc:  # disk fails again there, and that error replaces the one passed in
+                e.filename = e.filename or self.path
+            raise
 
 
 def one_hot(labels):
-    """.mat labels 1..10 -> float32 (N, 10), column = label - 1 (pylearn2 <= Oct 2014, SPEC 6.3)."""
+    """.mat labels 1..10 -> float32 (N, 10), column = label - 1 (pylearn2 <= Oct 2014, §6.3)."""
     labels = np.asarray(labels).ravel().astype(np.int64)
     if labels.size and (labels.min() < 1 or labels.max() > 10):
         raise ValueError(f"SVHN labels must be 1..10, found {labels.min()}..{labels.max()}")
@@ -109,28 +120,67 @@ def write_set(name, out_dir, sources, labels, src, idx, channels, chunk):
     print(f"{name}: wrote {n} images to {out_dir} in {time.time() - t0:.1f} s", flush=True)
 
 
+def usage_error(message):
+    """Ends the script on an option that cannot work: one line, exit status 2 (argparse's code for
+    a usage error), no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def parse_channels(text):
     try:
         channels = tuple(int(c) for c in text.split(","))
     except ValueError:
         channels = ()
     if not channels or len(set(channels)) != len(channels) or any(c not in (0, 1, 2) for c in channels):
-        raise SystemExit(f"error: --lcn_channels={text}: give distinct channels among 0, 1, 2 "
-                         f"separated by commas, e.g. 0 or 0,1,2")
+        usage_error(f"--lcn_channels={text}: give distinct channels among 0, 1, 2 separated by commas, "
+                    f"e.g. 0 or 0,1,2")
     return channels
+
+
+def check_split(files, y_train, y_extra):
+    """The split takes n_valid_train / n_valid_extra images of EVERY label (pylearn2's rule); a file
+    with fewer (a subset, a small test file) is an option problem, so say which options fix it."""
+    fewest, short = {}, []
+    for which, y, option, n in (("train", y_train, "n_valid_train", n_valid_train),
+                                ("extra", y_extra, "n_valid_extra", n_valid_extra)):
+        counts = np.bincount(np.asarray(y).ravel(), minlength=11)[1:11]
+        label = int(counts.argmin()) + 1
+        fewest[which] = int(counts.min())
+        if fewest[which] < n:
+            digit = " (digit 0)" if label == 10 else ""
+            short.append(f"{files[which]} has {fewest[which]} images of label {label}{digit}, but "
+                         f"--{option}={n} takes {n} of each label")
+    if short:
+        usage_error(f"too few images per label for the validation split: {'; '.join(short)}. "
+                    f"These files allow at most --n_valid_train={fewest['train']} and "
+                    f"--n_valid_extra={fewest['extra']}")
+
+
+def make_output_dir(path):
+    """Creates `path` and checks that files can be written there before hours of work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to SVHN_LOCAL_PATH={path}: {e.strerror or e}") from None
 
 
 def main():
     t_start = time.time()
+    # configure() checks the options' own limits (configurator.CHECKS); these two stay for callers
+    # of main() that bypass it
     channels = parse_channels(lcn_channels)
     if chunk_size < 1:
-        raise SystemExit(f"error: --chunk_size={chunk_size}: must be at least 1")
+        usage_error(f"--chunk_size={chunk_size}: must be at least 1")
     files = bc_datasets.svhn_mat_files(data_dir, verify_checksums=verify_checksums)
-    os.makedirs(SVHN_LOCAL_PATH, exist_ok=True)
-    print(f"SVHN: GCN + LCN on channel(s) {channels}, writing to {SVHN_LOCAL_PATH}", flush=True)
 
     X_train, y_train = bc_datasets.read_svhn_mat(files["train"])
     X_extra, y_extra = bc_datasets.read_svhn_mat(files["extra"])
+    check_split(files, y_train, y_extra)
+    make_output_dir(SVHN_LOCAL_PATH)
+    print(f"SVHN: GCN + LCN on channel(s) {channels}, writing to {SVHN_LOCAL_PATH}", flush=True)
     train_src, train_idx, valid_src, valid_idx = split_train_valid(
         y_train, y_extra, seed=seed, n_valid_train=n_valid_train, n_valid_extra=n_valid_extra)
     sources, labels = (X_train, X_extra), (y_train, y_extra)
@@ -153,3 +203,10 @@ if __name__ == "__main__":
         main()
     except bc_datasets.DatasetError as e:  # missing or corrupt: the message says what to do
         raise SystemExit(f"error: {e}")
+    except OSError as e:  # e.g. a full disk while writing: the file and the reason, no traceback
+        raise SystemExit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror
+                         else f"error: {e}") from None
+    except KeyboardInterrupt:  # every file is written atomically: none is left half-written
+        print("interrupted; the sets already written are complete, no partial file was left",
+              file=sys.stderr)
+        raise SystemExit(130) from None

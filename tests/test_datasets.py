@@ -1,6 +1,6 @@
 """bc_datasets: file readers, checksums and downloads, and the MNIST / CIFAR-10 / SVHN loaders.
 
-Expected numbers are computed here with numpy (SPEC 6.1 centring, 6.2 GCN + ZCA), never by the code
+Expected numbers are computed here with numpy (§6.1 centring, §6.2 GCN + ZCA), never by the code
 under test. The real-data tests use ../shared/data and are skipped when it is absent.
 """
 import contextlib
@@ -95,7 +95,7 @@ def test_read_idx_damaged_file_names_it(tmp_path, damage):
 # MNIST on tiny fake files
 
 def expected_mnist(images, train_set_size=None):
-    """SPEC 6.1: pixels/255, minus the per-pixel mean of the whole file; then slice."""
+    """§6.1: pixels/255, minus the per-pixel mean of the whole file; then slice."""
     X = images.astype(np.float64) / 255
     X = (X - X.mean(axis=0)).reshape(-1, 1, 28, 28)
     return X
@@ -138,12 +138,116 @@ def test_load_mnist_missing_lists_every_file(tmp_path):
     for name in bc_datasets.MNIST_FILES:
         assert name in message
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in message
+    # ... and that files under other names are found by prefix, unchecked
+    for pattern in ("train*images*idx3*", "train*labels*idx1*", "t10k*images*idx3*",
+                    "t10k*labels*idx1*"):
+        assert pattern in message
+    assert "found by prefix" in message and "MD5 is not checked" in message
 
     write_fake_mnist(tmp_path / "some")
     (tmp_path / "some" / "t10k-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DatasetError) as info:
         bc_datasets.load_mnist(tmp_path / "some", verify_checksums=False, download=False)
-    assert "missing in " + str(tmp_path / "some") + ": t10k-images-idx3-ubyte.gz." in str(info.value)
+    message = str(info.value)
+    assert "missing in " + str(tmp_path / "some") + ": t10k-images-idx3-ubyte.gz." in message
+    assert "t10k*images*idx3*" in message and "train*images*idx3*" not in message
+
+
+def rename_mnist(dir, old_new):
+    for old, new in old_new.items():
+        (dir / old).rename(dir / new)
+
+
+SUBSET_NAMES = {"t10k-images-idx3-ubyte.gz": "t10k-8000-images-idx3-ubyte.gz",
+                "t10k-labels-idx1-ubyte.gz": "t10k-8000-labels-idx1-ubyte.gz"}
+
+
+def assert_same_sets(got, want):
+    for (X, y), (X0, y0) in zip(got, want):
+        np.testing.assert_array_equal(X, X0)
+        np.testing.assert_array_equal(y, y0)
+
+
+def test_load_mnist_finds_other_names_by_prefix(tmp_path, capsys):
+    write_fake_mnist(tmp_path / "official", n_train=30, n_test=10, seed=2)
+    want = bc_datasets.load_mnist(tmp_path / "official", train_set_size=20, verify_checksums=False,
+                                  download=False)
+    write_fake_mnist(tmp_path / "d", n_train=30, n_test=10, seed=2)
+    rename_mnist(tmp_path / "d", {"train-images-idx3-ubyte.gz": "train-images.idx3-ubyte.gz",
+                                  "train-labels-idx1-ubyte.gz": "train-labels.idx1-ubyte.gz",
+                                  **SUBSET_NAMES})
+    # An interrupted download's temporary file is hidden: never taken for a subset.
+    (tmp_path / "d" / ".t10k-images-idx3-ubyte.gz.tmp").write_bytes(b"partial")
+    capsys.readouterr()
+    # verify_checksums=True: the fake files' MD5s are not the official ones, and none is checked,
+    # since none has its official name.
+    got = bc_datasets.load_mnist(tmp_path / "d", train_set_size=20, download=False)
+    assert_same_sets(got, want)
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 4
+    for line, new in zip(notes, ["train-images.idx3-ubyte.gz", "train-labels.idx1-ubyte.gz",
+                                 *SUBSET_NAMES.values()]):
+        assert str(tmp_path / "d" / new) in line and "MD5 is not checked" in line
+
+
+def test_load_mnist_official_name_then_uncompressed_then_prefix(tmp_path, capsys):
+    write_fake_mnist(tmp_path, n_train=30, n_test=10, seed=2)
+    want = bc_datasets.load_mnist(tmp_path, train_set_size=20, verify_checksums=False, download=False)
+    # Candidates by prefix do not matter (nor are they ambiguous) where the official file is.
+    write_fake_mnist(tmp_path / "other", n_train=30, n_test=10, seed=3)
+    for name in bc_datasets.MNIST_FILES:
+        for prefix in ("copy1-", "copy2-"):
+            copy = tmp_path / name.replace("-", f"-{prefix}", 1)  # e.g. train-copy1-images-...
+            copy.write_bytes((tmp_path / "other" / name).read_bytes())
+    capsys.readouterr()
+    assert_same_sets(bc_datasets.load_mnist(tmp_path, train_set_size=20, verify_checksums=False,
+                                            download=False), want)
+    # An uncompressed copy (official name without '.gz') comes before the files found by prefix.
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name[:-3]).write_bytes(gzip.decompress((tmp_path / name).read_bytes()))
+        (tmp_path / name).unlink()
+    assert_same_sets(bc_datasets.load_mnist(tmp_path, train_set_size=20, verify_checksums=False,
+                                            download=False), want)
+    assert capsys.readouterr().out == ""
+
+
+def test_load_mnist_ambiguous_prefix_names_the_candidates(tmp_path):
+    write_fake_mnist(tmp_path)
+    rename_mnist(tmp_path, SUBSET_NAMES)
+    other = tmp_path / "t10k-2000-images-idx3-ubyte.gz"
+    other.write_bytes((tmp_path / "t10k-8000-images-idx3-ubyte.gz").read_bytes())
+    with pytest.raises(DatasetError) as info:
+        bc_datasets.load_mnist(tmp_path, verify_checksums=False, download=False)
+    message = str(info.value)
+    assert "t10k*images*idx3*" in message and str(tmp_path) in message
+    assert "t10k-2000-images-idx3-ubyte.gz, t10k-8000-images-idx3-ubyte.gz" in message
+    assert "files=" in message
+    # Naming the one to use settles it.
+    bc_datasets.load_mnist(tmp_path, train_set_size=50, verify_checksums=False, download=False,
+                           files={"t10k-images-idx3-ubyte.gz": other})
+
+
+def test_load_mnist_files_given_explicitly(tmp_path, capsys):
+    raw = write_fake_mnist(tmp_path / "a", n_train=30, n_test=10, seed=2)
+    rename_mnist(tmp_path / "a", SUBSET_NAMES)
+    files = {name: tmp_path / "a" / SUBSET_NAMES.get(name, name) for name in bc_datasets.MNIST_FILES}
+    capsys.readouterr()
+    # data_dir is empty and download=False: every file comes from files=
+    train, valid, test = bc_datasets.load_mnist(tmp_path / "empty", train_set_size=20, download=False,
+                                                verify_checksums=False, files=files)
+    np.testing.assert_array_equal(test[1], one_hot(raw["test_labels"]))
+    notes = capsys.readouterr().out
+    assert notes.count("MD5 is not checked") == 2 and "t10k-8000-labels-idx1-ubyte.gz" in notes
+    assert not (tmp_path / "empty").exists()
+    # A file given under its official name is checked like one found in data_dir.
+    with pytest.raises(DatasetError, match="corrupt: .*train-images-idx3-ubyte.gz"):
+        bc_datasets.load_mnist(tmp_path / "empty", download=False, files=files)
+    with pytest.raises(DatasetError, match="nothing.gz, given in files= for t10k-images"):
+        bc_datasets.load_mnist(tmp_path / "a", download=False, verify_checksums=False,
+                               files={"t10k-images-idx3-ubyte.gz": tmp_path / "nothing.gz"})
+    with pytest.raises(DatasetError, match="official names as keys .* 'test-images'"):
+        bc_datasets.load_mnist(tmp_path / "a", download=False,
+                               files={"test-images": files["t10k-images-idx3-ubyte.gz"]})
 
 
 def test_load_mnist_truncated_file_names_it(tmp_path):
@@ -224,7 +328,7 @@ def test_download_wrong_checksum_leaves_nothing(tmp_path, http_server):
     data_dir = tmp_path / "data"
     with pytest.raises(DatasetError, match="blob.bin"):
         bc_datasets.fetch(data_dir, "blob.bin", "0" * 32, [url])
-    assert list(data_dir.iterdir()) == []
+    assert not data_dir.exists()
 
 
 def test_fetch_missing_and_no_mirror_reachable(tmp_path, dead_mirror):
@@ -234,7 +338,39 @@ def test_fetch_missing_and_no_mirror_reachable(tmp_path, dead_mirror):
     message = str(info.value)
     assert str(data_dir) in message and "a.bin" in message and "b.bin" in message
     assert dead_mirror in message
-    assert not any(data_dir.iterdir())
+    assert not data_dir.exists()
+
+
+def test_failed_download_creates_no_directory(tmp_path):
+    data_dir = tmp_path / "a" / "mnist"
+    with pytest.raises(DatasetError, match=r"Could not download http://127\.0\.0\.1:9/"):
+        bc_datasets.load_mnist(data_dir, mirrors=["http://127.0.0.1:9/"])
+    assert list(tmp_path.iterdir()) == []  # neither a/ nor a/mnist/
+    # A directory that was there before stays, empty as it was.
+    data_dir.mkdir(parents=True)
+    with pytest.raises(DatasetError):
+        bc_datasets.load_mnist(data_dir, mirrors=["http://127.0.0.1:9/"])
+    assert data_dir.is_dir() and not any(data_dir.iterdir())
+
+
+def test_interrupted_download_creates_no_directory(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bc_datasets, "_download_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bc_datasets.fetch(tmp_path / "data", "blob.bin", None, ["http://127.0.0.1:9/"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_partly_failed_download_keeps_what_it_got(tmp_path, http_server):
+    root, url = http_server
+    data, md5 = serve_blob(root)
+    data_dir = tmp_path / "new" / "data"
+    with pytest.raises(DatasetError, match="missing in .*: absent.bin"):
+        bc_datasets.fetch_all(data_dir, {"blob.bin": md5, "absent.bin": None}, [url])
+    assert [p.name for p in data_dir.iterdir()] == ["blob.bin"]
+    assert (data_dir / "blob.bin").read_bytes() == data
 
 
 def test_fetch_present_but_corrupt(tmp_path):
@@ -262,7 +398,7 @@ def test_load_mnist_downloads_from_mirror(tmp_path, http_server):
 # CIFAR-10 on a tiny fake dataset
 
 def reference_gcn(data, scale=55.):
-    """SPEC 6.2 step 2 in float64: per image minus its mean, divided by its L2 norm / scale."""
+    """§6.2 step 2 in float64: per image minus its mean, divided by its L2 norm / scale."""
     X = data.astype(np.float64)
     X -= X.mean(axis=1, keepdims=True)
     divisor = np.sqrt((X ** 2).sum(axis=1)) / scale
@@ -271,7 +407,7 @@ def reference_gcn(data, scale=55.):
 
 
 def reference_zca_few_rows(G_train, G_test, bias=0.1):
-    """SPEC 6.2 step 3 for N < D, without a D x D eigendecomposition: with A = G_train - mu = U S V^T,
+    """§6.2 step 3 for N < D, without a D x D eigendecomposition: with A = G_train - mu = U S V^T,
     C + bias I = V diag(s^2/N + bias) V^T + bias (I - V V^T), so
     P = V diag((s^2/N + bias)^-1/2) V^T + (I - V V^T) / sqrt(bias)."""
     mu = G_train.mean(axis=0)
@@ -513,21 +649,21 @@ def read_idx_gz(path):
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def test_real_mnist(tmp_path):
+def test_real_mnist(capsys):
     src = SHARED_DATA / "mnist"
     if not src.is_dir():
         pytest.skip(f"{src} is absent")
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         assert md5_of(src / name) == OFFICIAL_MNIST_MD5[name]  # the README's claim
-        (tmp_path / name).symlink_to(src / name)
-    for kind in ("images-idx3", "labels-idx1"):
-        (tmp_path / f"t10k-{kind}-ubyte.gz").symlink_to(src / f"t10k-8000-{kind}-ubyte.gz")
 
-    # The test subset is not the official file, so the checksum check names it...
-    with pytest.raises(DatasetError, match="corrupt: .*t10k-images-idx3-ubyte.gz"):
-        bc_datasets.load_mnist(tmp_path, download=False)
-    # ... and is skipped on request.
-    train, valid, test = bc_datasets.load_mnist(tmp_path, verify_checksums=False, download=False)
+    # The folder as it is: the official train files (MD5-checked) and the 8000-image test subset,
+    # found by its prefix and, not being the official file, not checked.
+    train, valid, test = bc_datasets.load_mnist(src, download=False)
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 2
+    for line, kind in zip(notes, ("images-idx3", "labels-idx1")):
+        assert f"{src}/t10k-8000-{kind}-ubyte.gz as t10k-{kind}-ubyte.gz" in line
+        assert "MD5 is not checked" in line
     assert [len(s[0]) for s in (train, valid, test)] == [50000, 10000, 8000]
     assert train[0].shape[1:] == (1, 28, 28) and train[0].dtype == np.float32
     counts = (train[1].sum(0) + valid[1].sum(0)).astype(int)
@@ -543,6 +679,7 @@ def test_real_mnist(tmp_path):
     np.testing.assert_allclose(test[0][:3, 0], test_images[:3] - test_images.mean(axis=0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_real_cifar10(tmp_path, monkeypatch):
     src = SHARED_DATA / "cifar10"
     if not src.is_dir():
@@ -611,11 +748,14 @@ def test_real_cifar10(tmp_path, monkeypatch):
     np.testing.assert_allclose(test[0][:300].reshape(300, 3072), (G_test - mean) @ P, atol=1e-3)
 
     # Through the real loader and preprocessing, a reduced BinaryConnect CNN (the §4.3 layer
-    # order, widths 16-32-64, FC 128) trained for 2 epochs on the first 5000 training images must
+    # order, widths 16-32-64, FC 128) trained for 2 epochs on the first 10000 training images must
     # beat chance (90 % error) by a wide margin. Deterministic BC: stochastic BC's sampling noise
     # keeps a net this small near chance for its first epochs (measured: 89 % after 2 epochs),
-    # since its test-time real weights meet BN statistics gathered with sampled ones (SPEC §3).
-    # Measured here (seed 1234, CPU): 63.1 % validation error, 64.0 % test error.
+    # since its test-time real weights meet BN statistics gathered with sampled ones (§3).
+    # 10000 images rather than 5000: with 5000 (200 steps) the test error was 64 % on one CPU and
+    # 73.6 % on another for the same code, 70.9 % after later changes to the training code (float
+    # rounding, amplified by so short a training): too close to the bound. Measured on this project's 2-core CPU, test error after 2 epochs: 57.3 % (seed 1234,
+    # the one used here), 55.2 % and 52.2 % (seeds 1 and 2); validation error 57.5, 57.1, 52.8 %.
     import training
     from models import cnn
     run = training.start_run("cifar10", dict(seed=1234, device="cpu", resume="",
@@ -624,7 +764,7 @@ def test_real_cifar10(tmp_path, monkeypatch):
                                              num_epochs=2))
     try:
         model = cnn(widths=(16, 32, 64), fc_units=128, stochastic=False)
-        history = training.fit(model, ((train[0][:5000], train[1][:5000]), valid,
+        history = training.fit(model, ((train[0][:10000], train[1][:10000]), valid,
                                        (test[0][:2000], test[1][:2000])), run)
     finally:
         sys.stdout.file.close()

@@ -1,4 +1,4 @@
-"""svhn_preprocessing.py end to end on tiny fake .mat files in the official layout (SPEC 6.3)."""
+"""svhn_preprocessing.py end to end on tiny fake .mat files in the official layout (§6.3)."""
 import os
 import subprocess
 import sys
@@ -137,9 +137,57 @@ def test_all_channels_option(runs):
 
 def test_bad_arguments(tmp_path):
     result = run_script(tmp_path, tmp_path / "out", "--lcn_channels=0,3")
-    assert result.returncode != 0 and "lcn_channels" in result.stderr
+    assert result.returncode == 2 and "lcn_channels" in result.stderr
     result = run_script(tmp_path / "nowhere", tmp_path / "out", "--chunk_size=0")
-    assert result.returncode != 0 and "chunk_size" in result.stderr
+    assert result.returncode == 2 and "chunk_size" in result.stderr
+
+
+def one_line_error(result):
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, short", [
+    (["--n_valid_train=11"], ["train"]),  # the fake train file has 10 images of each label
+    (["--n_valid_extra=7"], ["extra"]),  # and extra 6
+    (["--n_valid_train=11", "--n_valid_extra=7"], ["train", "extra"])])
+def test_too_few_images_per_label_names_the_options(tmp_path, args, short):
+    data_dir = tmp_path / "mat"
+    write_fake_svhn_mat(data_dir, n_train=N_TRAIN, n_test=N_TEST, n_extra=N_EXTRA, seed=0)
+    result = run_script(data_dir, tmp_path / "out", *args)
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "--n_valid_train" in line and "--n_valid_extra" in line
+    for which, count in (("train", 10), ("extra", 6)):
+        assert (f"{data_dir / which}_32x32.mat has {count} images of label" in line) == (which in short)
+    assert "at most --n_valid_train=10 and --n_valid_extra=6" in line
+    assert not (tmp_path / "out").exists()  # nothing written, not even the directory
+
+
+def test_unwritable_output_directory(tmp_path):
+    data_dir = tmp_path / "mat"
+    write_fake_svhn_mat(data_dir, n_train=N_TRAIN, n_test=N_TEST, n_extra=N_EXTRA, seed=0)
+    (tmp_path / "a_file").write_text("")
+    result = run_script(data_dir, tmp_path / "a_file" / "out")
+    assert result.returncode == 1
+    assert "cannot write to SVHN_LOCAL_PATH=" + str(tmp_path / "a_file" / "out") in one_line_error(result)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_disk_names_the_file(tmp_path):
+    """A write that fails (here to /dev/full, through the writer's temporary name) ends the script
+    with the file and the reason, leaves no final file, and its temporary name is cleaned up."""
+    data_dir = tmp_path / "mat"
+    write_fake_svhn_mat(data_dir, n_train=N_TRAIN, n_test=N_TEST, n_extra=N_EXTRA, seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".valid_X.npy.tmp").symlink_to("/dev/full")  # atomic.atomic_write's temporary name
+    result = run_script(data_dir, out)
+    assert result.returncode == 1
+    assert one_line_error(result) == f"error: {out / 'valid_X.npy'}: No space left on device"
+    assert os.listdir(out) == []
 
 
 # ------------------------------------------------------------------------ atomic, interrupted writes
@@ -193,3 +241,20 @@ def test_writer_refuses_a_short_file(tmp_path):
         with sp.AtomicNpyWriter(path, (2, 3)) as w:
             w.write(np.ones((3, 3)))
     assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_ends_with_one_line(tmp_path):
+    write_fake_svhn_mat(tmp_path / "mat", n_train=120, n_test=60, n_extra=80)
+    runner = tmp_path / "interrupt.py"
+    runner.write_text(
+        "import runpy, sys, bc_datasets\n"
+        "def read(*a, **k):\n"
+        "    raise KeyboardInterrupt\n"
+        "bc_datasets.read_svhn_mat = read\n"
+        f"sys.argv = ['svhn_preprocessing.py', '--data_dir={tmp_path / 'mat'}',\n"
+        f"            '--SVHN_LOCAL_PATH={tmp_path / 'out'}', '--verify_checksums=False']\n"
+        f"runpy.run_path({str(REPO / 'svhn_preprocessing.py')!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, str(runner)], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 130 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("interrupted")

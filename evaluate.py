@@ -1,5 +1,5 @@
 """Evaluate a trained BinaryConnect model on the validation and test sets of its own run, under the
-paper's test-time choices (paper section 2, SPEC section 8.2):
+paper's test-time choices (paper section 2, §8.2):
 
   real      the real-valued weights W: what the paper reports for stochastic BC (its default here)
   sign      the deterministic sign of W (W >= 0 -> +H): deterministic BC's own rule, and what
@@ -14,7 +14,7 @@ Defaults: stochastic BC gets all three modes side by side, deterministic BC its 
 network its real weights. The network is rebuilt as its run built it (the script named in the run's
 hparams.json), the data read from the run's paths unless --data_dir / --SVHN_LOCAL_PATH say where it
 is now. Errors and losses follow the training report's rules (full batches of the run's batch_size,
-the last partial batch dropped; SPEC section 5).
+the last partial batch dropped; §5).
 """
 import argparse
 import copy

@@ -19,7 +19,7 @@ says so, and `python evaluate.py RUN_DIR --modes=sign` gives that model's error.
 network has no binary weights to pack and is refused.
 
 MNIST inputs: /255, then centred per pixel. The file stores the training file's pixel mean (what
-new images should be centred with); the original centred the test set with its own mean (SPEC 6.1),
+new images should be centred with); the original centred the test set with its own mean (§6.1),
 which infer.py does by default when it reads the test files. CIFAR-10 and SVHN inputs are the
 preprocessed sets (GCN + ZCA, GCN + LCN): infer.py reads them as the training scripts do.
 """
@@ -134,7 +134,7 @@ def _attach_bias(pending, arrays):
 
 def mnist_pixel_mean(data_dir):
     """The training file's per-pixel mean, computed as bc_datasets centres the training split
-    (SPEC 6.1: float32 /255, mean accumulated in float64, stored as float32)."""
+    (§6.1: float32 /255, mean accumulated in float64, stored as float32)."""
     from bc_datasets import DatasetError, read_idx
     data_dir = Path(data_dir)
     for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
@@ -157,17 +157,17 @@ def preprocessing(script, hp, data_dir=None):
                      note="x = uint8 pixels / 255 (float32), minus a per-pixel mean. input_mean "
                           "is the mean of the whole training file, which centred the training and "
                           "validation sets; the original centred the test set with the test "
-                          "file's own per-pixel mean (SPEC 6.1), as infer.py does by default "
+                          "file's own per-pixel mean (§6.1), as infer.py does by default "
                           "when it reads the test files. Centre new images with input_mean."),
                 {"input_mean": mean})
     if script == "cifar10":
         return (dict(kind="cifar10_gcn_zca",
                      note="inputs are the preprocessed CIFAR-10 set: GCN (scale 55) then ZCA fit "
-                          "on the 50,000 training images (SPEC 6.2), as bc_datasets.load_cifar10 "
+                          "on the 50,000 training images (§6.2), as bc_datasets.load_cifar10 "
                           "computes and caches it; (N, 3, 32, 32) float32"), {})
     return (dict(kind="svhn_gcn_lcn",
                  note="inputs are the preprocessed SVHN sets written by svhn_preprocessing.py "
-                      "(GCN then LeCun LCN, SPEC 6.3); (N, 3, 32, 32) float32"), {})
+                      "(GCN then LeCun LCN, §6.3); (N, 3, 32, 32) float32"), {})
 
 
 def state_dict_bytes(model):

@@ -15,7 +15,7 @@ From Python:
     X = infer.preprocess(model, images)  # MNIST: uint8 (N, 28, 28) -> centred with the stored mean
 
 MNIST test images are centred with the test file's own per-pixel mean by default, as the original
-evaluated them (SPEC 6.1), so the numbers match the training report; --center=train uses the
+evaluated them (§6.1), so the numbers match the training report; --center=train uses the
 training file's mean stored in the model, which is what a single new image gets.
 """
 import argparse
@@ -203,7 +203,7 @@ def load_test_set(model, data_dir=None, center="own"):
                                  f"{labels.shape}, expected (N, 28, 28) and (N,)")
             if center == "train":
                 return preprocess(model, images), labels.astype(np.int64)
-            # SPEC 6.1, as bc_datasets centres each split: float32 /255 minus the file's own
+            # §6.1, as bc_datasets centres each split: float32 /255 minus the file's own
             # per-pixel mean, accumulated in float64.
             X = images.astype(np.float32) / np.float32(255)
             X -= X.mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -229,7 +229,7 @@ def score(logits, labels, batch_size=None, loss_reduction="mean"):
     """(error %, squared hinge loss, examples scored) by the training report's rules: full batches
     of batch_size only; error = mean of the per-batch error fractions * 100; loss = mean over N x
     10 of max(0, 1 - t*y)^2 with t = +-1 (loss_reduction "sum_classes": summed over the outputs,
-    SPEC 9). batch_size None scores every example as one batch."""
+    §9). batch_size None scores every example as one batch."""
     n = len(logits) if batch_size is None else len(logits) // batch_size * batch_size
     if n == 0:
         return float("nan"), float("nan"), 0

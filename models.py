@@ -1,4 +1,4 @@
-"""The paper's networks (§4.2-4.4 of ../shared/SPEC.md), built as the original scripts built them.
+"""The paper's networks (docs/original.md §4.2-4.4), built as the original scripts built them.
 
 Every Dense/Conv layer is binarized, the first and the last included (§1.1); each is followed by
 the original's batch norm, whose nonlinearity is ReLU except after the output layer.

@@ -1,4 +1,4 @@
-"""Plots of BinaryConnect runs, after the paper's figures (SPEC section 8.5).
+"""Plots of BinaryConnect runs, after the paper's figures (§8.5).
 
     python plot.py RUN_DIR [RUN_DIR ...] [--out=DIR] [--layer=0] [--checkpoint=best|last]
     python plot.py --figures RUN_DIR [RUN_DIR ...] [--out=DIR] [--units=36]
@@ -173,7 +173,7 @@ def layer_weights(run_dir, layer=0, checkpoint="best"):
 
 
 def _span(hparams, w):
-    """Binary weights are clipped to [-H, H] (SPEC 2.3); otherwise (or H="Glorot") the data's range."""
+    """Binary weights are clipped to [-H, H] (§2.3); otherwise (or H="Glorot") the data's range."""
     hp = hparams.get("hparams", {})
     H = hp.get("H", 1.0)
     if hp.get("binary", True) and isinstance(H, (int, float)):

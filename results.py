@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR-10", "svhn": "SVHN"}
 VARIANTS = ["No regularizer", "BinaryConnect (det.)", "BinaryConnect (stoch.)", "50% Dropout"]
 
-# The paper's Table 2 (SPEC §8.4), with its marks: (C) corroborated, (R) recalled, not yet checked
+# The paper's Table 2 (§8.4), with its marks: (C) corroborated, (R) recalled, not yet checked
 # against the PDF. The MNIST numbers come from the paper's own protocol (config/mnist_paper_*.py).
 PAPER = {
     ("mnist", "No regularizer"): "1.30 ± 0.04 (R)",
@@ -219,7 +219,7 @@ def notes_for(rows, unfinished, notes):
                          f"{row['variant']}: seeds {row['seeds']} (the same run counted twice?)")
     if any(row["paper_note"] for row in rows):
         lines.append("†: Table 2's MNIST numbers come from the paper's own protocol "
-                     "(config/mnist_paper_*.py, SPEC §9); for its mnist.py with stoch. BC the "
+                     "(config/mnist_paper_*.py, §9); for its mnist.py with stoch. BC the "
                      "lasagne branch's README gives ~1.15 %.")
     lines.append("Test error (%) at the best-validation epoch; mean ± sample std (n - 1) over "
                  "seeds. Paper: Table 2 (C: corroborated; R: recalled, not checked against the "

@@ -2,7 +2,7 @@
 binary = True
 stochastic = False
 
-# The paper's own MNIST protocol (SPEC §9, the master-lineage code; moderate confidence that it is
+# The paper's own MNIST protocol (§9, the master-lineage code; moderate confidence that it is
 # the paper's exact setup). The same lines in every config/mnist_paper_*.py.
 batch_size = 200
 num_units = 1024

@@ -3,7 +3,7 @@ binary = False  # real-valued weights, not clipped; U(-2H, 2H) is then Glorot-un
 dropout_hidden = .5
 dropout_in = 0.  # our choice, as in config/mnist_dropout.py: the row names one rate
 
-# The paper's own MNIST protocol (SPEC §9, the master-lineage code; moderate confidence that it is
+# The paper's own MNIST protocol (§9, the master-lineage code; moderate confidence that it is
 # the paper's exact setup). The same lines in every config/mnist_paper_*.py.
 batch_size = 200
 num_units = 1024

@@ -1,7 +1,7 @@
 # Table 2, MNIST, "No regularizer": 1.30 ± 0.04 % (R).
 binary = False  # real-valued weights, not clipped; U(-2H, 2H) is then Glorot-uniform
 
-# The paper's own MNIST protocol (SPEC §9, the master-lineage code; moderate confidence that it is
+# The paper's own MNIST protocol (§9, the master-lineage code; moderate confidence that it is
 # the paper's exact setup). The same lines in every config/mnist_paper_*.py.
 batch_size = 200
 num_units = 1024

@@ -1,4 +1,4 @@
-"""BatchNormLayer against SPEC §3, with a numpy reference written here (float64)."""
+"""BatchNormLayer against §3, with a numpy reference written here (float64)."""
 import sys
 from pathlib import Path
 

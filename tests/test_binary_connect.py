@@ -1,7 +1,7 @@
-"""binary_connect.py against SPEC §1-2 and §4.1: binarization, layers, init, straight-through
+"""binary_connect.py against §1-2 and §4.1: binarization, layers, init, straight-through
 gradient, Lasagne Adam with W_LR_scale and clipping, squared hinge, LR decay.
 
-Every expected number is computed here in numpy (float64) from the SPEC's formulas.
+Every expected number is computed here in numpy (float64) from the formulas of docs/original.md.
 """
 import sys
 from pathlib import Path
@@ -603,7 +603,7 @@ def test_two_updates_of_bn_dense_net_match_numpy_spec(dtype):
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("order", [["dense", "bn"], ["bn", "dense"]])
 def test_two_updates_through_the_training_step_match_numpy_spec(mode, order):
-    # The same SPEC check through training.TrainStep: the loop's step, eager and compiled.
+    # The same check through training.TrainStep: the loop's step, eager and compiled.
     dense_first = order[0] == "dense"
     torch_layers, np_layers, clipped = _run_two_steps(order, torch.float32,
                                                       sync_bias=dense_first, mode=mode)

@@ -1,6 +1,6 @@
 """The fast training step (training.TrainStep compiled, issue 7) against the eager modules, the
 counter streams the compiled step samples from, evaluation's float32 sums, the resume rules for
-random streams, and what the loop says about itself. The numpy SPEC checks of a whole step
+random streams, and what the loop says about itself. The numpy checks of docs/original.md of a whole step
 through TrainStep are in test_binary_connect.py (test_two_updates_through_the_training_step_*).
 """
 import contextlib

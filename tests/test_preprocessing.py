@@ -1,4 +1,4 @@
-"""preprocessing.py against references written here from SPEC 6.2 / 6.3 (loops, explicit sums)."""
+"""preprocessing.py against references written here from §6.2 / 6.3 (loops, explicit sums)."""
 import math
 import sys
 from pathlib import Path
@@ -142,7 +142,7 @@ def full_conv_cropped(x, K):
 
 
 def lcn_reference(img, threshold=1e-4):
-    """pylearn2's lecun_lcn on one single-channel image, literally: SPEC 6.3."""
+    """pylearn2's lecun_lcn on one single-channel image, literally: §6.3."""
     K = kernel_reference()
     x = img.astype(np.float64)
     centred = x - full_conv_cropped(x, K)
@@ -168,7 +168,7 @@ def test_lcn_default_normalises_channel_0_only():
     assert got.dtype == np.float32 and got.shape == X.shape
     for n in range(len(X)):
         np.testing.assert_allclose(got[n, 0], lcn_reference(X[n, 0]), rtol=2e-5, atol=1e-6)
-        np.testing.assert_array_equal(got[n, 1:], X[n, 1:])  # the original's quirk (SPEC 6.3)
+        np.testing.assert_array_equal(got[n, 1:], X[n, 1:])  # the original's quirk (§6.3)
     # the threshold branch: every divisor is 1e-4, so the output is the centred image * 1e4
     K = kernel_reference()
     x = X[2, 0].astype(np.float64)
@@ -213,7 +213,7 @@ def test_svhn_gcn_lcn_is_gcn_then_lcn():
 # ---------------------------------------------------------------------------------------- split
 
 def split_reference(train_labels, extra_labels, seed, k_train, k_extra):
-    """SPEC 6.3 written out: per label 1..10 shuffle that label's indices and take the first k, train
+    """§6.3 written out: per label 1..10 shuffle that label's indices and take the first k, train
     then extra with one rng; rows in sorted order; then one permutation per set, both drawn from the
     state the split left (pylearn2 rebuilt RandomState(seed) for each set)."""
     rng = np.random.RandomState(seed)

@@ -28,7 +28,7 @@ def run_script(script, *args, env=None, check=True):
 
 
 def check_report(stdout, num_epochs):
-    """The original's per-epoch report (SPEC §5): 'Epoch e of n took ...s' then eight lines,
+    """The original's per-epoch report (§5): 'Epoch e of n took ...s' then eight lines,
     two spaces and a label padded to 33 characters."""
     lines = stdout.splitlines()
     starts = [i for i, l in enumerate(lines) if re.fullmatch(r"Epoch \d+ of \d+ took .*s", l)]
@@ -55,7 +55,7 @@ def test_mnist_end_to_end(tmp_path):
         assert expected in lines, expected
     assert lines.index("Loading MNIST dataset...") < lines.index("Building the MLP...") \
         < lines.index("Training...")
-    # one W_LR_scale / H pair per binary layer (4 layers), printed at build time (SPEC §1.3)
+    # one W_LR_scale / H pair per binary layer (4 layers), printed at build time (§1.3)
     assert sum(l.startswith("W_LR_scale = ") for l in lines) == 1 + 4
     assert sum(l.startswith("H = ") for l in lines) == 1 + 4
     assert lines[-1].startswith("Best validation error rate")
@@ -132,7 +132,7 @@ def test_cifar10_end_to_end(tmp_path):
                       "--device=cpu", "--compile=false")
     lines = check_report(proc.stdout, 1)
     assert "Loading CIFAR-10 dataset..." in lines and "Building the CNN..." in lines
-    # nine binary layers: 6 conv + 3 dense, with the SPEC §1.3 CIFAR-10 scales
+    # nine binary layers: 6 conv + 3 dense, with the §1.3 CIFAR-10 scales
     scales = [float(l.split("= ")[1]) for l in lines if l.startswith("W_LR_scale = ")
               and l != "W_LR_scale = Glorot"]
     np.testing.assert_allclose(scales, [28.036, 39.192, 48.0, 55.426, 67.882, 78.384, 78.384,

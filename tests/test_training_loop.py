@@ -1,4 +1,4 @@
-"""training.train / evaluate / report / str2 against SPEC §4.1 (LR schedule) and §5 (loop, model
+"""training.train / evaluate / report / str2 against §4.1 (LR schedule) and §5 (loop, model
 selection, dropped partial batches, the nine-line report), on tiny models and data."""
 import sys
 from pathlib import Path

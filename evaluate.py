@@ -215,7 +215,7 @@ def _real_copy(model):
 
 
 def format_block(title, m):
-    from training import report_line, str2
+    from report import report_line, str2
     rows = [("validation loss:", str2(m["val_loss"])),
             ("validation error rate:", str2(m["val_err"]) + "%"),
             ("test loss:", str2(m["test_loss"])), ("test error rate:", str2(m["test_err"]) + "%")]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from report import report_line, str2
+
 FORMAT = "binaryconnect-1bit"
 FORMAT_VERSION = 1
 
@@ -242,12 +244,6 @@ def score(logits, labels, batch_size=None, loss_reduction="mean"):
     return float(wrong.mean()) * 100, float(loss), n
 
 
-def _str2(x):
-    # training.str2, repeated: training.py imports torch, which this file must not.
-    s = "%.12g" % x
-    return s + ".0" if s.lstrip("-").isdigit() else s
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,8 +274,8 @@ def main(argv=None):
         print(f"{model.path}: {model.meta.get('dataset')}, {model.meta.get('variant')}, "
               f"1-bit weights; {n} of {len(labels)} test images"
               + ("" if args.all else f" (full batches of {batch_size}, as the report counts)"))
-        print("  test loss:".ljust(33) + _str2(loss))
-        print("  test error rate:".ljust(33) + _str2(err) + "%")
+        print(report_line("test loss:", str2(loss)))
+        print(report_line("test error rate:", str2(err) + "%"))
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

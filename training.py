@@ -27,6 +27,7 @@ import torch
 from atomic import atomic_write
 from bc_datasets import DatasetError
 from binary_connect import binary_layers, lr_decay, make_optimizer, squared_hinge_loss
+from report import report, report_line, str2  # noqa: F401 (report_line: for the tools)
 
 # 2: optimizer state as tensors ("step"), the layers' draw counters in the model, the stream kind.
 CHECKPOINT_VERSION = 2
@@ -133,16 +134,6 @@ def _rmdir_if_empty(path):
         path.rmdir()
     except OSError:
         pass
-
-
-def str2(x):
-    """Python 2's str() of a float (12 significant digits), which the original's report used."""
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return str(x)
-    s = "%.12g" % x
-    if s.lstrip("-").isdigit():
-        s += ".0"
-    return s
 
 
 def _git_info():
@@ -318,24 +309,6 @@ def recompute_bn_statistics(model, splits, batch_size):
                 model(split.rows(i * batch_size, (i + 1) * batch_size)[0])
     for bn in bns:
         bn.collect_statistics(False)
-
-
-def report_line(label, value):
-    """§5: two spaces and the label, padded to 33 characters, then the value."""
-    return ("  " + label).ljust(33) + value
-
-
-def report(epoch, num_epochs, seconds, m):
-    """§5: the original's nine-line report."""
-    rows = [("LR:", str2(m["LR"])), ("training loss:", str2(m["train_loss"])),
-            ("validation loss:", str2(m["val_loss"])),
-            ("validation error rate:", str2(m["val_err"]) + "%"),
-            ("best epoch:", str(m["best_epoch"])),
-            ("best validation error rate:", str2(m["best_val_err"]) + "%"),
-            ("test loss:", str2(m["test_loss"])), ("test error rate:", str2(m["test_err"]) + "%")]
-    lines = [f"Epoch {epoch} of {num_epochs} took {str2(seconds)}s"]
-    lines += [report_line(label, value) for label, value in rows]
-    return "\n".join(lines)
 
 
 class _Interrupt:

@@ -227,9 +227,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per variant (best kept)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precisions", default=None,
-                        help="comma-separated among fp32, tf32, bf16 (default: fp32 on the CPU, "
-                             "all three on CUDA)")
+    parser.add_argument("--precisions", default="auto",
+                        help="comma-separated among fp32, tf32, bf16; auto: fp32 on the CPU, all "
+                             "three on CUDA")
     args = parser.parse_args(argv)
     nets = args.nets.split(",")
     if unknown := [n for n in nets if n not in NETS]:
@@ -237,8 +237,9 @@ def main(argv=None):
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
     device = training.select_device(args.device)
-    precisions = (args.precisions or ("fp32,tf32,bf16" if device.type == "cuda" else "fp32")
-                  ).split(",")
+    if args.precisions == "auto":
+        args.precisions = "fp32,tf32,bf16" if device.type == "cuda" else "fp32"
+    precisions = args.precisions.split(",")
     if unknown := [p for p in precisions if p not in ("fp32", "tf32", "bf16")]:
         parser.error(f"--precisions: unknown {', '.join(unknown)}; choose among fp32, tf32, bf16")
     for net in nets:

@@ -146,16 +146,18 @@ def test_resume_after_sigkill_mid_epoch_is_exact(work, reference, tmp_path, stoc
     out = tmp_path / "b"
     p = run_mnist(work, out, hook=dict(action="SIGKILL", at=at(3, 2)), stochastic=stochastic)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert [r["epoch"] for r in metrics(out)] == [1, 2]
-    assert load(out / "last.pt")["epoch"] == 2
+    # Epoch 2's checkpoint is written in the background: the kill may come before it is done.
+    # Either way metrics.jsonl holds exactly the epochs of last.pt, never one it would repeat.
+    done = load(out / "last.pt")["epoch"]
+    assert done in (1, 2) and [r["epoch"] for r in metrics(out)] == list(range(1, done + 1))
     p = run_mnist(work, out, resume=True, stochastic=stochastic)
     check_ok(p)
     got = metrics(out)
     assert without_seconds(got) == without_seconds(expected)
-    # log.txt keeps both processes' reports, each epoch once, agreeing with metrics.jsonl.
+    # log.txt keeps both processes' reports; the resumed one's agree with metrics.jsonl.
     reports = parse_reports((out / "log.txt").read_text())
-    assert [r["epoch"] for r in reports] == [1, 2, 3, 4]
-    for report, row in zip(reports, got):
+    assert [r["epoch"] for r in reports][-(4 - done):] == list(range(done + 1, 5))
+    for report, row in zip(reports[-(4 - done):], got[done:]):
         check_report(report, row)
 
 

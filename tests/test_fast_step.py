@@ -159,6 +159,7 @@ def test_compiled_step_gives_the_eager_step(kind, stochastic):
     assert mode == "compiled"  # no fallback happened
     torch.testing.assert_close(fast_losses, eager_losses, rtol=1e-5, atol=1e-6)
     assert fast.keys() == eager.keys()
+    worst = []
     for k in eager:
         if eager[k].dtype in (torch.int64, torch.float64):  # counters and step counts: exact
             assert torch.equal(fast[k], eager[k]), k
@@ -168,9 +169,12 @@ def test_compiled_step_gives_the_eager_step(kind, stochastic):
             # that bias. Bounded, not compared.
             assert (fast[k] - eager[k]).abs().max() <= 2 * 0.01 * 1.001, k
         else:
-            # Adam's m/sqrt(v) magnifies rounding where a gradient is small: a small fraction
-            # of a step (LR * W_LR_scale is about 0.3 here)
-            torch.testing.assert_close(fast[k], eager[k], rtol=1e-4, atol=1e-4, msg=k)
+            # Adam's m/sqrt(v) magnifies rounding where a gradient is near 0: up to a fraction
+            # of a step for such an element (LR * W_LR_scale is 0.2 to 0.8 here) ...
+            torch.testing.assert_close(fast[k], eager[k], rtol=1e-4, atol=1e-3, msg=k)
+            worst.append(float((fast[k] - eager[k]).abs().max()))
+    # ... while nearly everything agrees to float32 rounding
+    assert np.median(worst) < 1e-5
 
 
 def test_compile_failure_falls_back_to_the_eager_modules(monkeypatch, capsys):

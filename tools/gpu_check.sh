@@ -35,6 +35,7 @@ smoke=${1:-}
 mkdir -p "$OUT" "$SCRATCH"
 rm -rf "${SCRATCH:?}"/*
 PY=${PYTHON:-python3}
+$PY -c "import torch, numpy, scipy" 2>/dev/null || { echo "error: $PY cannot import torch, numpy and scipy (set PYTHON=...)"; exit 2; }
 summary="$OUT/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }

@@ -188,6 +188,7 @@ def start_run(script, config):
     if not resume and (out / "last.pt").exists():
         raise SystemExit(f"error: {out} already holds a run; continue it with --resume={out} "
                          "or choose another --out_dir")
+    device = select_device(config.get("device", "auto"))
     created = [p for p in [out, *out.parents] if not p.exists()]
     try:  # fail before any training if the records cannot be written
         out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +202,6 @@ def start_run(script, config):
 
     np.random.seed(config["seed"])  # §4.1: np.random.seed(1234) at import
     torch.manual_seed(config["seed"])
-    device = select_device(config.get("device", "auto"))
     if device.type == "cuda":
         # cuBLAS is deterministic with a fixed workspace; it must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -593,7 +593,7 @@ class CheckpointWriter:
     def _write(self, checkpoint, best):
         try:
             _write_checkpoint(self.run, checkpoint, best)
-        except SystemExit as e:
+        except BaseException as e:  # raised in the training thread at its next wait()
             self.error = e
 
     def wait(self):

@@ -99,7 +99,7 @@ def test_hard_sigmoid():
 # §1.2-1.3 Glorot H and W_LR_scale
 # ---------------------------------------------------------------------------------------------
 
-SPEC_TABLE = {  # §1.3, printed to 3 decimals
+SCALE_TABLE = {  # §1.3, printed to 3 decimals
     "mnist": [43.451, 52.256, 52.256, 37.041],
     "mnist_test_time": [37.094, 41.312, 41.312, 29.326],
     "cifar10": [28.036, 39.192, 48.0, 55.426, 67.882, 78.384, 78.384, 36.950, 26.255],
@@ -117,8 +117,8 @@ def test_W_LR_scale_reproduces_spec_table(name, build):
     np.random.seed(0)
     layers = bc.binary_layers(build())
     scales = [m.W_LR_scale for m in layers]
-    assert len(scales) == len(SPEC_TABLE[name])
-    for got, want in zip(scales, SPEC_TABLE[name]):
+    assert len(scales) == len(SCALE_TABLE[name])
+    for got, want in zip(scales, SCALE_TABLE[name]):
         assert type(got) is float
         assert abs(got - want) < 5e-4, (got, want)
     for m in layers:  # all scripts use H = 1

@@ -245,7 +245,9 @@ def read_idx(path) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _mnist_split(images_path, labels_path):
+def mnist_split(images_path, labels_path):
+    """One MNIST file pair -> (X float32 (N, 1, 28, 28) centred with the file's own per-pixel mean,
+    y one-hot), as pylearn2 loaded a split (§6.1)."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
         raise DatasetError(f"{images_path}: expected uint8 images of shape (N, 28, 28), got "
@@ -253,11 +255,21 @@ def _mnist_split(images_path, labels_path):
     if labels.shape != (len(images),) or labels.max(initial=0) > 9:
         raise DatasetError(f"{labels_path}: expected {len(images)} labels in 0..9 to match "
                            f"{images_path}, got shape {labels.shape}")
-    # §6.1: float32 pixels / 255, then center=True subtracts the per-pixel mean of the whole file
-    # that was read (before any start/stop slicing). The mean is accumulated in float64 for accuracy.
-    X = images.astype(np.float32) / np.float32(255)
-    X -= X.mean(axis=0, dtype=np.float64).astype(np.float32)
+    # center=True subtracts the per-pixel mean of the whole file that was read (before any
+    # start/stop slicing).
+    X = mnist_pixels(images)
+    X -= pixel_mean(X)
     return X.reshape(-1, 1, 28, 28), one_hot(labels)
+
+
+def mnist_pixels(images):
+    """§6.1: uint8 pixels as float32 / 255."""
+    return np.asarray(images).astype(np.float32) / np.float32(255)
+
+
+def pixel_mean(X):
+    """§6.1's per-pixel mean of a split, accumulated in float64 for accuracy, stored in float32."""
+    return X.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def _find_mnist_file(data_dir: Path, name: str) -> Path | None:
@@ -272,17 +284,17 @@ def _find_mnist_file(data_dir: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=True, mirrors=None,
-               files=None):
-    """MNIST as in [P2:datasets/mnist.py]: train = train file [0:train_set_size], valid = the rest.
+def mnist_files(data_dir, names=tuple(MNIST_FILES), verify_checksums=True, download=True,
+                mirrors=None, files=None) -> dict:
+    """{official name: path} of the MNIST files `names` (official names, e.g.
+    't10k-images-idx3-ubyte.gz').
 
-    Each of the four files is, in this order: ``files[official name]`` when given (a path); the
-    official name in ``data_dir``; its uncompressed copy (the name without '.gz'); the only file of
-    ``data_dir`` matching its pattern (``MNIST_PATTERNS``, e.g. ``t10k-8000-images-idx3-ubyte.gz``
-    for t10k*images*idx3*); else it is downloaded. Only a file under the official '.gz' name is
-    checked against the official MD5: a copy under another name is an uncompressed file, a subset or
-    a mirror's copy, whose MD5 is not the published one; a note names each such file. Every file is
-    checked for a consistent idx header and size.
+    Each is, in this order: ``files[official name]`` when given (a path); the official name in
+    ``data_dir``; its uncompressed copy (the name without '.gz'); the only file of ``data_dir``
+    matching its pattern (``MNIST_PATTERNS``, e.g. ``t10k-8000-images-idx3-ubyte.gz`` for
+    t10k*images*idx3*); else it is downloaded. Only a file under the official '.gz' name is checked
+    against the official MD5: a copy under another name is an uncompressed file, a subset or a
+    mirror's copy, whose MD5 is not the published one; a note names each such file.
     """
     data_dir = Path(data_dir)
     files = dict(files or {})
@@ -290,7 +302,8 @@ def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=T
         raise DatasetError(f"MNIST: files= takes the official names as keys ({', '.join(MNIST_FILES)}), "
                            f"got {', '.join(map(repr, unknown))}")
     paths, needed = {}, {}
-    for name, md5 in MNIST_FILES.items():
+    for name in names:
+        md5 = MNIST_FILES[name]
         if name in files:
             path, how = Path(files[name]), "given in files="
             if not path.is_file():
@@ -320,8 +333,18 @@ def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=T
                      f"found by prefix, one per pattern: {patterns}, e.g. a subset such as "
                      f"t10k-8000-images-idx3-ubyte.gz, whose MD5 is not checked; from Python, "
                      f"load_mnist(files={{official name: path}}) names them)"))
-    X, y = _mnist_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
-    X_test, y_test = _mnist_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
+    return paths
+
+
+def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=True, mirrors=None,
+               files=None):
+    """MNIST as in [P2:datasets/mnist.py]: train = train file [0:train_set_size], valid = the rest;
+    the files as mnist_files finds them. Every file is checked for a consistent idx header and
+    size."""
+    paths = mnist_files(data_dir, verify_checksums=verify_checksums, download=download,
+                        mirrors=mirrors, files=files)
+    X, y = mnist_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
+    X_test, y_test = mnist_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
     return _split_train(X, y, train_set_size) + ((X_test, y_test),)
 
 

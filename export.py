@@ -133,20 +133,15 @@ def _attach_bias(pending, arrays):
 
 
 def mnist_pixel_mean(data_dir):
-    """The training file's per-pixel mean, computed as bc_datasets centres the training split
-    (§6.1: float32 /255, mean accumulated in float64, stored as float32)."""
-    from bc_datasets import DatasetError, read_idx
-    data_dir = Path(data_dir)
-    for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
-        if (data_dir / name).is_file():
-            try:
-                images = read_idx(data_dir / name)
-            except DatasetError as e:
-                raise UserError(str(e)) from None
-            X = images.astype(np.float32) / np.float32(255)
-            return X.mean(axis=0, dtype=np.float64).astype(np.float32).reshape(1, 28, 28)
-    raise UserError(f"{data_dir}: no train-images-idx3-ubyte(.gz), needed for the MNIST pixel mean "
-                    "the export stores; point --data_dir= at the MNIST files")
+    """The training file's per-pixel mean, as bc_datasets centres the training split (§6.1)."""
+    from bc_datasets import DatasetError, mnist_files, mnist_pixels, pixel_mean, read_idx
+    name = "train-images-idx3-ubyte.gz"
+    try:
+        path = mnist_files(data_dir, names=(name,), verify_checksums=False, download=False)[name]
+        return pixel_mean(mnist_pixels(read_idx(path))).reshape(1, 28, 28)
+    except DatasetError as e:
+        raise UserError(f"{e} (the export stores the training images' pixel mean; point "
+                        "--data_dir= at the MNIST files)") from None
 
 
 def preprocessing(script, hp, data_dir=None):

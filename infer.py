@@ -175,41 +175,20 @@ def preprocess(model, images):
     return X.reshape((len(X),) + model.input_shape) - model.input_mean
 
 
-def _find(data_dir, kind):
-    """The MNIST test file of `kind` (images/labels): the official name, or a subset named like
-    the shared copy (t10k-8000-images-idx3-ubyte.gz)."""
-    suffix = {"images": "idx3-ubyte", "labels": "idx1-ubyte"}[kind]
-    for name in (f"t10k-{kind}-{suffix}.gz", f"t10k-{kind}-{suffix}"):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    found = sorted(data_dir.glob(f"t10k-*{kind}-{suffix}*"))
-    if len(found) == 1:
-        return found[0]
-    raise ModelError(f"{data_dir}: " + (f"several MNIST test {kind} files ("
-                     + ", ".join(p.name for p in found) + ")" if found else
-                     f"no t10k-{kind}-{suffix}.gz (the MNIST test {kind})")
-                     + "; point --data_dir= at the folder of the MNIST files")
-
-
 def load_test_set(model, data_dir=None, center="own"):
     """(X preprocessed float32, labels int) of the model's dataset's test set."""
     from bc_datasets import DatasetError  # numpy and scipy only, like this file
     dataset, data = model.meta.get("dataset"), model.meta.get("data", {})
     try:
         if dataset == "mnist":
-            from bc_datasets import read_idx
+            from bc_datasets import mnist_files, mnist_split, read_idx
             d = Path(data_dir or data.get("data_dir", "data/mnist"))
-            images, labels = read_idx(_find(d, "images")), read_idx(_find(d, "labels"))
-            if images.shape[1:] != (28, 28) or labels.shape != (len(images),):
-                raise ModelError(f"{d}: MNIST test files of shapes {images.shape} and "
-                                 f"{labels.shape}, expected (N, 28, 28) and (N,)")
+            names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+            paths = mnist_files(d, names, verify_checksums=False, download=False)
+            X, y = mnist_split(*(paths[n] for n in names))  # centred with its own mean (§6.1)
             if center == "train":
-                return preprocess(model, images), labels.astype(np.int64)
-            # §6.1, as bc_datasets centres each split: float32 /255 minus the file's own
-            # per-pixel mean, accumulated in float64.
-            X = images.astype(np.float32) / np.float32(255)
-            X -= X.mean(axis=0, dtype=np.float64).astype(np.float32)
-            return X.reshape(-1, 1, 28, 28), labels.astype(np.int64)
+                X = preprocess(model, read_idx(paths[names[0]]))
+            return X, y.argmax(1)
         if dataset == "cifar10":
             from bc_datasets import load_cifar10
             d = data_dir or data.get("data_dir", "data/cifar10")
@@ -223,7 +202,7 @@ def load_test_set(model, data_dir=None, center="own"):
                                                           "data/svhn/preprocessed"))
             return X, y.argmax(1)
     except DatasetError as e:
-        raise ModelError(str(e)) from None
+        raise ModelError(f"{e} (infer.py --data_dir= names the folder)") from None
     raise ModelError(f"{model.path}: unknown dataset {dataset!r}")
 
 

@@ -95,7 +95,7 @@ def _device(v):
     match = re.fullmatch(r"auto|cpu|mps|cuda(?::(\d+))?", v)
     if not match:
         raise ValueError
-    if v in ("auto", "cpu"):
+    if v in ("auto", "cpu") or not _check_devices_here:
         return v
     import torch  # takes a second or two: only when a device may be missing
     if v == "mps":
@@ -245,20 +245,30 @@ def _resume(config, explicit, origin):
     config["out_dir"] = str(run_dir)
 
 
-def configure(globals_dict, argv=None):
+# False while a command meant for another machine is checked (sweep.py --cluster=slurm on a login
+# node): a device is then checked for its spelling only.
+_check_devices_here = True
+
+
+def configure(globals_dict, argv=None, runs_here=True):
     """Apply config files and --key=value overrides from argv (sys.argv[1:]) to the script's
     globals; returns the dict of hyperparameters after overrides. With --resume=RUN_DIR the
     run's stored hyperparameters replace the script's defaults. --help or -h prints the help and
-    exits 0; a mistake prints one line to stderr and exits 2."""
+    exits 0; a mistake prints one line to stderr and exits 2. runs_here=False checks a command
+    that will run on another machine: a --device it names need not exist on this one."""
+    global _check_devices_here
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(help_text(globals_dict))
         raise SystemExit(0)
+    _check_devices_here = runs_here
     try:
         config = _configure(globals_dict, argv)
     except ConfigError as e:
         print(e, file=sys.stderr)
         raise
+    finally:
+        _check_devices_here = True
     globals_dict.update(config)
     return config
 

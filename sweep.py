@@ -141,14 +141,15 @@ def progress(run_dir):
     return "done" if run_is_finished(run_dir) else "resume"
 
 
-def check(run, resume):
+def check(run, resume, runs_here=True):
     """The script's own configurator reads the command before anything is submitted: it names
     unknown keys and bad values, and, for a run to resume or skip, a setting that differs from the
-    run's stored one (a sweep directory holds one experiment; use another for a new one)."""
+    run's stored one (a sweep directory holds one experiment; use another for a new one). A run
+    submitted to Slurm (runs_here False) may name a device that this login node lacks."""
     defaults = runpy.run_path(str(ROOT / f"{run.dataset}.py"), run_name=run.dataset)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            configurator.configure(defaults, run.argv(resume)[2:])
+            configurator.configure(defaults, run.argv(resume)[2:], runs_here=runs_here)
     except SystemExit as e:
         message = str(e).removeprefix("error: ")
         if resume:  # the directory holds a run already
@@ -340,7 +341,8 @@ def main(argv=None):
     plan = [(run, "running" if held(run.dir) else progress(run.dir)) for run in runs]
     for run, status in plan:  # every command is checked before anything is printed or submitted
         if status != "running":
-            check(run, resume=status != "start")  # a done run must be the run asked for, too
+            # a done run must be the run asked for, too
+            check(run, resume=status != "start", runs_here=args.cluster == "local")
     print(f"Sweep {sweep_dir}: {len(runs)} runs ({len(pairs)} config(s) x {len(seeds)} seed(s))")
     for run, status in plan:
         if status in ("start", "resume"):

@@ -280,3 +280,17 @@ def test_a_sweep_from_another_directory(tmp_path):
     assert (f"  start   python {ROOT / 'mnist.py'} {ROOT / 'config' / 'mnist_stoch_bc.py'} "
             "--seed=7 --out_dir=sweep/mnist_stoch_bc/seed7 --data_dir=data " in proc.stdout)
     assert metrics(tmp_path / "sweep" / "mnist_stoch_bc" / "seed7")[-1]["epoch"] == 1
+
+
+def test_a_slurm_sweep_may_name_a_gpu_this_login_node_lacks(tmp_path):
+    args = [str(tmp_path / "sweep"), "--datasets=mnist", "--variants=det_bc", "--seeds=1",
+            "--dry_run"]
+    proc = run("sweep.py", *args, "--cluster=slurm", "--device=cuda")
+    assert proc.returncode == 0, proc.stderr
+    assert "--device=cuda\n" in proc.stdout and "1 to start" in proc.stdout
+    proc = run("sweep.py", *args, "--cluster=slurm", "--device=gpu")  # still spelled right
+    assert proc.returncode == 2 and "device" in proc.stderr
+    import torch
+    if not torch.cuda.is_available():  # on this machine it would not run
+        proc = run("sweep.py", *args, "--device=cuda")
+        assert proc.returncode == 2 and "CUDA is not available" in proc.stderr

@@ -729,7 +729,9 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
     # compiled step that falls back to the eager modules keeps drawing from the same streams.
     set_stream_kind(model, "generator" if mode == "eager" else "counter")
     set_precision(precision, device)
-    print(f"Training step: {MODES[mode]}, {precision}, on {device_name(device)}")
+    print(f"Training step: {MODES[mode]}, {precision}, on {device_name(device)}"
+          + ("" if mode == "eager" else " (compiled during the first step: up to a few minutes "
+                                        "on a CPU; --compile=false skips it)"), flush=True)
     step = TrainStep(model, optimizer, train_set, batch_size, loss_reduction, mode, precision)
 
     state = dict(epoch=0, batch=0, LR=LR_start, best_val_err=100., best_epoch=1,

@@ -336,10 +336,6 @@ def make_optimizer(model, LR, optimizer="adam"):
     return Adam(groups, LR=LR)
 
 
-def set_learning_rate(optimizer, LR):
-    optimizer.set_learning_rate(LR)
-
-
 def squared_hinge_loss(output, target, reduction="mean"):
     """§4.1: mean over the batch AND the 10 outputs of max(0, 1 - t*y)^2, with t in {-1, +1}.
     reduction="sum_classes": summed over the outputs, averaged over the batch (§9's form).

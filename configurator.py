@@ -8,6 +8,7 @@ accepted, and exit status 2 (argparse's status for usage errors). `--help` (or `
 script's docstring and its hyperparameters with their defaults and comments, read from its source.
 """
 import ast
+import contextlib
 import inspect
 import io
 import json
@@ -20,6 +21,17 @@ from pathlib import Path
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+
+
+def parse_bool(text):
+    """True or False from their spellings (true/false, 1/0, yes/no, on/off, any case); else
+    ValueError."""
+    text = str(text).lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{text!r} is not a bool (true/false)")
+
+
 WIDTH = 99  # --help fits a 100-column terminal
 
 
@@ -158,10 +170,8 @@ def parse_value(key, text, default):
     if key in _LOOSE:
         return text
     if kind is bool:
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
+        with contextlib.suppress(ValueError):
+            return parse_bool(text)
     elif kind is str:
         return text
     else:

@@ -130,19 +130,21 @@ def load_trained(path, checkpoint="best", script=None, overrides=None):
 
 
 def binarized_copy(model, rule, generator=None):
-    """A copy of `model` whose binary layers hold fixed +-H weights and compute with them as given.
+    """A copy of `model` whose binary layers compute with fixed weights, as given.
 
     rule "sign": the deterministic rule (W >= 0 -> +H); "sample": one draw of the stochastic rule
-    from `generator`, layer after layer in module order."""
+    from `generator`, layer after layer in module order; "real": the real-valued W itself."""
     from binary_connect import binarization, binary_layers
     net = copy.deepcopy(model)
     with torch.no_grad():
         for layer in binary_layers(net):
             if not layer.binary:
                 continue
-            Wb = binarization(layer.weight, layer.H, binary=True, deterministic=False,
-                              stochastic=(rule == "sample"), generator=generator)
-            layer.weight.copy_(Wb)
+            if rule != "real":
+                layer.weight.copy_(binarization(layer.weight, layer.H, binary=True,
+                                                deterministic=False,
+                                                stochastic=(rule == "sample"),
+                                                generator=generator))
             layer.binary = False  # its forward now uses layer.weight as it is
     return net.eval()
 
@@ -198,7 +200,7 @@ def evaluate_modes(model, hp, modes, val_set, test_set, batch_size, samples=10, 
         else:
             # "real" is the model's own eval for stochastic BC and for binary=False; for
             # deterministic BC the model already evaluates with the sign, so "real" needs W as is.
-            net = binarized_copy(model, "sign") if mode == "sign" else _real_copy(model)
+            net = binarized_copy(model, mode)
         val_err, val_loss = training.evaluate(net, val_set, batch_size, reduction, forward)
         test_err, test_loss = training.evaluate(net, test_set, batch_size, reduction, forward)
         out[mode] = dict(val_err=val_err, val_loss=val_loss, test_err=test_err,
@@ -206,20 +208,9 @@ def evaluate_modes(model, hp, modes, val_set, test_set, batch_size, samples=10, 
     return out
 
 
-def _real_copy(model):
-    from binary_connect import binary_layers
-    net = copy.deepcopy(model)
-    for layer in binary_layers(net):
-        layer.binary = False
-    return net.eval()
-
-
 def format_block(title, m):
-    from report import report_line, str2
-    rows = [("validation loss:", str2(m["val_loss"])),
-            ("validation error rate:", str2(m["val_err"]) + "%"),
-            ("test loss:", str2(m["test_loss"])), ("test error rate:", str2(m["test_err"]) + "%")]
-    return "\n".join([f"Test-time mode: {title}"] + [report_line(l, v) for l, v in rows])
+    from report import report_lines
+    return "\n".join([f"Test-time mode: {title}"] + report_lines(m))
 
 
 def _device(name):
@@ -231,11 +222,11 @@ def _device(name):
 
 
 def _bool(text):
-    if text.lower() in ("true", "1", "yes", "on"):
-        return True
-    if text.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a bool (true/false)")
+    from configurator import parse_bool
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None):

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 from atomic import atomic_write
 from evaluate import UserError, load_trained
+from infer import FORMAT, FORMAT_VERSION
 
-FORMAT = "binaryconnect-1bit"
-FORMAT_VERSION = 1
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
 STOCHASTIC_NOTE = ("stochastic BC network exported as the sign of its real-valued weights "
                    "(W >= 0 -> +H), the paper's test-time option (1); the paper reports stochastic "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report import report_line, str2
+from report import mean32, report_lines
 
 FORMAT = "binaryconnect-1bit"
 FORMAT_VERSION = 1
@@ -171,7 +171,8 @@ def preprocess(model, images):
     if model.input_mean is None:
         raise ValueError(f"{model.path}: this model stores no pixel mean (its inputs are the "
                          f"preprocessed {model.meta.get('dataset')} sets)")
-    X = np.asarray(images).astype(np.float32) / np.float32(255)
+    from bc_datasets import mnist_pixels  # §6.1, as training read the pixels
+    X = mnist_pixels(images)
     return X.reshape((len(X),) + model.input_shape) - model.input_mean
 
 
@@ -208,9 +209,10 @@ def load_test_set(model, data_dir=None, center="own"):
 
 def score(logits, labels, batch_size=None, loss_reduction="mean"):
     """(error %, squared hinge loss, examples scored) by the training report's rules: full batches
-    of batch_size only; error = mean of the per-batch error fractions * 100; loss = mean over N x
-    10 of max(0, 1 - t*y)^2 with t = +-1 (loss_reduction "sum_classes": summed over the outputs,
-    §9). batch_size None scores every example as one batch."""
+    of batch_size only; error = mean of the per-batch error fractions * 100; loss = mean of the
+    per-batch means over B x 10 of max(0, 1 - t*y)^2 with t = +-1 (loss_reduction "sum_classes":
+    summed over the outputs, §9); the means of per-batch values summed in float32 as the report
+    sums them. batch_size None scores every example as one batch."""
     n = len(logits) if batch_size is None else len(logits) // batch_size * batch_size
     if n == 0:
         return float("nan"), float("nan"), 0
@@ -218,9 +220,9 @@ def score(logits, labels, batch_size=None, loss_reduction="mean"):
     y = logits[:n].astype(np.float64)
     t = 2. * np.eye(y.shape[1])[labels[:n]] - 1.
     wrong = (y.argmax(1) != labels[:n]).reshape(-1, size).mean(1)
-    hinge = np.square(np.maximum(1. - t * y, 0.))
-    loss = hinge.sum(1).mean() if loss_reduction == "sum_classes" else hinge.mean()
-    return float(wrong.mean()) * 100, float(loss), n
+    hinge = np.square(np.maximum(1. - t * y, 0.)).reshape(-1, size, y.shape[1])
+    losses = hinge.sum(2).mean(1) if loss_reduction == "sum_classes" else hinge.mean((1, 2))
+    return float(mean32(wrong) * np.float32(100)), float(mean32(losses)), n
 
 
 def main(argv=None):
@@ -253,8 +255,7 @@ def main(argv=None):
         print(f"{model.path}: {model.meta.get('dataset')}, {model.meta.get('variant')}, "
               f"1-bit weights; {n} of {len(labels)} test images"
               + ("" if args.all else f" (full batches of {batch_size}, as the report counts)"))
-        print(report_line("test loss:", str2(loss)))
-        print(report_line("test error rate:", str2(err) + "%"))
+        print("\n".join(report_lines(dict(test_loss=loss, test_err=err))))
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

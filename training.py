@@ -27,7 +27,8 @@ import torch
 from atomic import atomic_write
 from bc_datasets import DatasetError
 from binary_connect import binary_layers, lr_decay, make_optimizer, squared_hinge_loss
-from report import report, report_line, str2  # noqa: F401 (report_line: for the tools)
+from configurator import CHECKS
+from report import mean32, report, str2
 
 # 2: optimizer state as tensors ("step"), the layers' draw counters in the model, the stream kind.
 CHECKPOINT_VERSION = 2
@@ -150,15 +151,16 @@ def _git_info():
 
 
 def select_device(name):
+    """The torch.device of a device setting, checked as the configurator checks it (so the
+    tools that take --device say the same); auto is CUDA when present, else the CPU."""
+    check, accepted = CHECKS["device"]
+    try:
+        name = check(name)
+    except ValueError as e:
+        raise SystemExit(f"error: device={name!r}: {str(e) or 'device ' + accepted}") from None
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: device={name!r} is not a torch device (try auto, cpu, cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: device={name!r} but CUDA is not available here")
-    return device
+    return torch.device(name)
 
 
 def device_name(device):
@@ -261,13 +263,6 @@ class Split:
         return x, self.y[start:stop]
 
 
-def _mean32(values):
-    """The original's `err += new_err` over Theano's float32 results, then `/ n_batches`: a
-    float32 running sum in batch order (np.cumsum adds sequentially; np.sum would not)."""
-    values = np.asarray(values, dtype=np.float32)
-    return np.float32(np.cumsum(values, dtype=np.float32)[-1] / np.float32(len(values)))
-
-
 def evaluate(model, split, batch_size, loss_reduction="mean", forward=None):
     """§5 val_epoch: a deterministic pass; error = the mean of the per-batch error fractions
     * 100, loss = the mean of the per-batch losses, both summed in float32 as the original did
@@ -293,7 +288,7 @@ def evaluate(model, split, batch_size, loss_reduction="mean", forward=None):
             errors.append((y.argmax(-1) != t.argmax(-1)).float().mean(-1))
             losses.append(squared_hinge_loss(y, t, loss_reduction))
     errors, losses = torch.cat(errors).cpu().numpy(), torch.cat(losses).cpu().numpy()
-    return float(_mean32(errors) * np.float32(100)), float(_mean32(losses))
+    return float(mean32(errors) * np.float32(100)), float(mean32(losses))
 
 
 def recompute_bn_statistics(model, splits, batch_size):
@@ -775,7 +770,7 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
                                                      f"{i + 1} of {n_batches})")
                 losses = step.losses[:n_batches].cpu().numpy()  # the epoch's one host sync
                 _check_finite(losses, epoch)
-                train_loss = float(_mean32(losses))
+                train_loss = float(mean32(losses))
                 monitor = epoch % monitor_step == 0 or epoch == num_epochs
                 improved = False
                 if monitor:

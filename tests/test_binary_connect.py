@@ -638,7 +638,7 @@ def test_make_optimizer_groups(capsys):
     assert float(lines[0].split(" = ")[1]) == pytest.approx(1 / np.sqrt(1.5 / 10), rel=1e-6)
     assert float(lines[3].split(" = ")[1]) == 0.5
 
-    bc.set_learning_rate(opt, 0.0025)
+    opt.set_learning_rate(0.0025)
     assert all(g["lr"] == 0.0025 for g in groups)
 
 

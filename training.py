@@ -39,6 +39,7 @@ EVAL_ROWS = 1000
 # a tiny network would spend longer compiling than training.
 AUTO_COMPILE_CPU_WEIGHTS = 1_000_000
 WARMUP_STEPS = 3  # compiled steps run before a CUDA graph is captured
+COMPILE_CACHE_ENTRIES = 64  # per compiled function, in one process (see _allow_recompiles)
 
 
 class Tee(io.TextIOBase):
@@ -348,6 +349,16 @@ def step_mode(compile, device, model, data_on_device):
     return "graph" if device.type == "cuda" and data_on_device else "compiled"
 
 
+def _allow_recompiles():
+    """Each network, precision and optimizer that one process compiles (benchmark.py's nine fast
+    steps, a test suite, a notebook that trains several runs) adds an entry to the same
+    functions' compile caches (Sequential's forward, the optimizer's update); past dynamo's
+    default limit of 8 entries it would quietly run those functions eagerly from then on."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), COMPILE_CACHE_ENTRIES))
+
+
 def autocast(precision, device):
     """bf16: the products (matmuls, convolutions) in bfloat16; the batch norm statistics, the
     loss, the real-valued weights and Adam's moments stay float32. fp32 and tf32: none."""
@@ -405,6 +416,7 @@ class TrainStep:
         if mode == "eager":
             self.forward, self.update = self.model, self.optimizer.update
         else:
+            _allow_recompiles()
             self.forward = torch.compile(self.model, dynamic=False)
             self.update = torch.compile(self.optimizer.update, dynamic=False)
 

@@ -125,7 +125,7 @@ def _state(model, optimizer):
     return out
 
 
-def _run(kind, stochastic, mode, steps=2, device=CPU, precision="fp32"):
+def _run(kind, stochastic, mode, steps=2, device=CPU, precision="fp32", after_epoch=None):
     model, shape = _network(kind, stochastic)
     model.to(device)
     optimizer = quiet(bc.make_optimizer, model, 0.01)
@@ -145,6 +145,8 @@ def _run(kind, stochastic, mode, steps=2, device=CPU, precision="fp32"):
         for _ in range(min(n // batch, steps - epoch * (n // batch))):
             step()
         losses.append(step.losses.clone())
+        if after_epoch:
+            after_epoch(model, step)
     return torch.cat(losses).cpu(), {k: v.cpu() for k, v in _state(model, optimizer).items()}, \
         step.mode
 
@@ -195,6 +197,120 @@ def test_compile_failure_falls_back_to_the_eager_modules(monkeypatch, capsys):
     torch.testing.assert_close(losses, eager_losses, rtol=0, atol=0)
     for k in eager:
         assert torch.equal(state[k], eager[k]), k
+
+
+@pytest.mark.slow  # compiles
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_compiled_step_compiles_once_for_every_epoch(kind):
+    """One captured CUDA graph serves every epoch only if nothing the step reads is a Python
+    value baked into the compiled code: once the first epoch has compiled the step and the
+    evaluation, later epochs (a new learning rate, order and draw counters each) compile
+    nothing (dynamo would recompile for a changed Python value it had specialised on), and the
+    forward and the update compile whole, without graph breaks."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    graphs = []
+
+    def after_epoch(model, step):
+        training.evaluate(model, step.data, step.batch_size, forward=step.forward)
+        model.train()
+        graphs.append(counters["stats"]["unique_graphs"])
+    _, _, mode = _run(kind, True, "compiled", steps=8, after_epoch=after_epoch)
+    assert mode == "compiled"
+    assert len(graphs) == 4 and graphs[0] > 0 and graphs == graphs[:1] * 4, graphs
+    # and nothing left the graphs (a .item() or a data-dependent branch would: a host sync)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow  # compiles
+def test_many_compiled_steps_in_one_process_stay_compiled():
+    """Each new optimizer recompiles its update; dynamo's default limit (8 per function) would
+    make the ninth and later steps of a process (benchmark.py builds nine on CUDA) run it
+    eagerly, quietly, with other numbers. All twelve here give the first one's numbers."""
+    torch._dynamo.reset()  # whatever the tests before this one compiled
+    first_losses, first, _ = _run("mlp", True, "compiled", steps=2)
+    for _ in range(11):
+        losses, state, mode = _run("mlp", True, "compiled", steps=2)
+        assert mode == "compiled" and torch.equal(losses, first_losses)
+        for k in first:
+            assert torch.equal(state[k], first[k]), k
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """torch.cuda's streams and graphs stood in for on the CPU, to run the schedule of the
+    "graph" mode (warm-up, one capture, replays across epochs) without a GPU. As in a real
+    capture, capturing leaves every tensor as it was (a capture records the kernels without
+    running them); a replay runs the recorded step. What this cannot show (the captured
+    kernels' fixed addresses, no host syncs) is tests/test_cuda.py's, on a GPU."""
+    real_step = training.TrainStep._step
+    log = dict(captures=0, replays=0, fail=False)
+
+    class Graph:
+        step = None
+
+        def replay(self):
+            log["replays"] += 1
+            real_step(self.step)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        if log["fail"]:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        log["captures"] += 1
+        log["graph"] = graph
+        yield
+
+    def step(self):
+        graph = log.pop("graph", None)
+        if graph is None:
+            return real_step(self)
+        graph.step = self
+        tensors = list(self.model.state_dict().values()) + [self.i, self.losses]
+        tensors += [t for s in self.optimizer.state.values() for t in s.values()]
+        saved = [t.clone() for t in tensors]
+        real_step(self)
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+    monkeypatch.setattr(training.TrainStep, "_step", step)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    return log
+
+
+@pytest.mark.slow  # compiles
+def test_graph_mode_schedule_gives_the_compiled_step(fake_cuda_graphs, capsys):
+    """"graph": WARMUP_STEPS compiled steps, then one capture that serves every later step of
+    every epoch, with exactly the compiled step's numbers; a capture that fails says why and
+    goes on with the compiled step, the same numbers again."""
+    compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
+    graph_losses, graph, mode = _run("mlp", True, "graph", steps=8)
+    assert mode == "graph"
+    assert fake_cuda_graphs["captures"] == 1
+    assert fake_cuda_graphs["replays"] == 8 - training.WARMUP_STEPS
+    assert torch.equal(graph_losses, compiled_losses)
+    for k in compiled:
+        assert torch.equal(graph[k], compiled[k]), k
+
+    fake_cuda_graphs["fail"] = True
+    failed_losses, failed, mode = _run("mlp", True, "graph", steps=8)
+    assert mode == "compiled"
+    out = capsys.readouterr().out
+    assert ("warning: CUDA graph capture failed (RuntimeError: operation not permitted when "
+            "stream is capturing); continuing with the compiled step without a graph") in out
+    assert torch.equal(failed_losses, compiled_losses)
+    for k in compiled:
+        assert torch.equal(failed[k], compiled[k]), k
 
 
 def test_step_mode_for_compile_settings():

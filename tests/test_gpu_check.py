@@ -1,0 +1,50 @@
+"""tools/gpu_check.sh, the one script a session with a lent GPU runs, rehearsed on the CPU with
+tiny sizes (--smoke) so that it does not rot between GPU sessions. The rehearsal needs the real
+data of ../shared/data (skipped when absent)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SCRIPT = REPO / "tools" / "gpu_check.sh"
+
+
+def gpu_check(tmp_path, *args):
+    env = dict(os.environ, PYTHON=sys.executable, DATA=str(tmp_path / "data"),
+               OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), SHARED_DATA=str(SHARED_DATA))
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+
+
+def test_unknown_part_is_refused(tmp_path):
+    p = gpu_check(tmp_path, "--smoke", "tests", "benchmark")
+    assert p.returncode == 2
+    assert "unknown part 'benchmark'; the parts are tests, bench, mnist, cifar" in p.stdout
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+@pytest.mark.slow  # about a minute and a half
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir() or not (SHARED_DATA / "cifar10").is_dir(),
+                    reason="needs ../shared/data/mnist and ../shared/data/cifar10")
+def test_smoke_rehearsal_runs_every_part_on_the_cpu(tmp_path):
+    p = gpu_check(tmp_path, "--prepare")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(list((tmp_path / "data" / "mnist").glob("*.gz"))) == 4
+    # two calls, as on a lent GPU, into one folder
+    p = gpu_check(tmp_path, "--smoke", "tests", "bench")
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = gpu_check(tmp_path, "--smoke", "mnist", "cifar")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = tmp_path / "out"
+    summary = (out / "summary.txt").read_text()
+    assert "tests: CUDA tests" in summary and "skipped" in summary  # no CUDA here
+    assert "SUMMARY net=mnist device=cpu" in summary and "fast_fp32_ms=" in summary
+    assert "mnist: mnist.py" in summary and "Best validation error rate" in summary
+    for precision in ("fp32", "bf16"):
+        log = (out / f"cifar10_{precision}.txt").read_text()
+        assert f"{precision}, on cpu" in log and "Best validation error rate" in log, log[-2000:]
+    assert "error" not in summary.lower().replace("error rate", "")

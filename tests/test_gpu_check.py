@@ -20,11 +20,14 @@ def gpu_check(tmp_path, *args):
                           capture_output=True, text=True)
 
 
-def test_unknown_part_is_refused(tmp_path):
+def test_help_and_an_unknown_part(tmp_path):
     p = gpu_check(tmp_path, "--smoke", "tests", "benchmark")
     assert p.returncode == 2
     assert "unknown part 'benchmark'; the parts are tests, bench, mnist, cifar" in p.stdout
     assert not (tmp_path / "out").exists()  # refused before anything ran
+    p = gpu_check(tmp_path, "--help")
+    assert p.returncode == 0 and p.stdout.startswith("Every check of this project that needs")
+    assert "  bench  benchmark.py for the three nets" in p.stdout and "set -u" not in p.stdout
 
 
 @pytest.mark.slow  # about a minute and a half

@@ -29,6 +29,10 @@ OUT=${OUT:-gpu_check}
 SCRATCH=${TMPDIR:-/tmp}/gpu_check_runs
 export PYTHONUNBUFFERED=1
 
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
+    sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 if [ "${1:-}" = "--prepare" ]; then
     src=${SHARED_DATA:-../shared/data}
     mkdir -p "$DATA/mnist" "$DATA/cifar10"
@@ -48,7 +52,7 @@ parts=("$@")
 for part in "${parts[@]}"; do
     case $part in
         tests|bench|mnist|cifar) ;;
-        *) echo "error: unknown part '$part'; the parts are tests, bench, mnist, cifar"; exit 2 ;;
+        *) echo "error: unknown part '$part'; the parts are tests, bench, mnist, cifar (see --help)"; exit 2 ;;
     esac
 done
 wants() { [[ " ${parts[*]} " == *" $1 "* ]]; }

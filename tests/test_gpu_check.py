@@ -30,7 +30,7 @@ def test_help_and_an_unknown_part(tmp_path):
     assert "  bench  benchmark.py for the three nets" in p.stdout and "set -u" not in p.stdout
 
 
-@pytest.mark.slow  # about a minute and a half
+@pytest.mark.slow  # about two minutes (the benchmark compiles)
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir() or not (SHARED_DATA / "cifar10").is_dir(),
                     reason="needs ../shared/data/mnist and ../shared/data/cifar10")
 def test_smoke_rehearsal_runs_every_part_on_the_cpu(tmp_path):

@@ -290,7 +290,6 @@ def test_a_slurm_sweep_may_name_a_gpu_this_login_node_lacks(tmp_path):
     assert "--device=cuda\n" in proc.stdout and "1 to start" in proc.stdout
     proc = run("sweep.py", *args, "--cluster=slurm", "--device=gpu")  # still spelled right
     assert proc.returncode == 2 and "device" in proc.stderr
-    import torch
     if not torch.cuda.is_available():  # on this machine it would not run
         proc = run("sweep.py", *args, "--device=cuda")
         assert proc.returncode == 2 and "CUDA is not available" in proc.stderr

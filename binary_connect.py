@@ -236,6 +236,19 @@ class _Optimizer(torch.optim.Optimizer):
         for p in self._all:
             self._init_state(self.state[p], p)
 
+    def load_state_dict(self, state_dict):
+        """torch.optim.Optimizer.load_state_dict, with every state tensor put on its parameter's
+        device, its dtype kept. torch leaves "step" where it was loaded (map_location="cpu" on
+        a resume) unless a group is capturable or fused; a compiled CUDA step then reads it as
+        a host scalar, which a CUDA graph bakes in at capture: Adam's bias correction and its
+        step count would stop moving after every resume on a GPU."""
+        super().load_state_dict(state_dict)
+        for p in self._all:
+            state = self.state[p]
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    state[k] = v.to(p.device)  # no copy where it already is
+
     def set_learning_rate(self, LR):
         """Once per epoch (§4.1); a fill, so a captured step sees it without a host sync."""
         for group in self.param_groups:

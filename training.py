@@ -26,7 +26,7 @@ import torch
 
 from atomic import atomic_write
 from bc_datasets import DatasetError
-from binary_connect import binary_layers, lr_decay, make_optimizer, squared_hinge_loss
+from binary_connect import BinaryLayerMixin, binary_layers, lr_decay, make_optimizer, squared_hinge_loss
 from configurator import CHECKS
 from report import mean32, report, str2
 
@@ -208,6 +208,9 @@ def start_run(script, config):
     if device.type == "cuda":
         # cuBLAS is deterministic with a fixed workspace; it must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if device.index is not None:
+            # What torch makes without naming a device (streams, graphs) goes to this one.
+            torch.cuda.set_device(device)
 
     commit, dirty = _git_info()
     record = dict(script=script, hparams=config, git_commit=commit, git_dirty=dirty,
@@ -367,16 +370,22 @@ def autocast(precision, device):
     return contextlib.nullcontext()
 
 
-def set_precision(precision, device):
+def set_precision(precision, device, deterministic=True):
     """fp32: the original's float32 arithmetic; tf32: TF32 matmuls and convolutions on GPUs
-    that have them. On CUDA also cuDNN's deterministic algorithms, so a seeded run repeats
-    exactly (and a resumed one continues exactly)."""
+    that have them. On CUDA also, unless deterministic=False (benchmark.py's comparison):
+    cuDNN's deterministic algorithms, and inductor's deterministic mode, which picks its kernels'
+    block sizes by rule instead of by timing them (timing on another node, or with a cold cache
+    after a requeue, could pick another order of summation). A seeded run then repeats exactly,
+    and a resumed one continues exactly, wherever it runs (README, "What is bit-exact where")."""
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.deterministic = deterministic
         torch.backends.cudnn.benchmark = False
+        import torch._inductor.config as inductor
+        if hasattr(inductor, "deterministic"):  # torch >= 2.6
+            inductor.deterministic = deterministic
 
 
 class TrainStep:
@@ -407,6 +416,7 @@ class TrainStep:
         self.losses = torch.zeros(max(self.n_batches, 1), dtype=torch.float32, device=device)
         self.offsets = torch.arange(batch_size, device=device)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.device = device
         self.graph = None
         self.steps = 0
         self._use(mode)
@@ -428,6 +438,20 @@ class TrainStep:
         self.losses.zero_()
         if losses is not None and len(losses):
             self.losses[:len(losses)] = torch.as_tensor(losses).to(self.losses.device)
+
+    def counters(self):
+        """(name, tensor, how much one training step moves it): each optimizer step count, and
+        each binary layer's draw counter (a stochastic layer draws once per step)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out = [(f"the optimizer's step count of {names.get(id(p), '?')}",
+                self.optimizer.state[p]["step"], 1) for p in self.params]
+        return out + [(f"the draw counter of layer {n}", m.draws, int(m.binary and m.stochastic))
+                      for n, m in self.model.named_modules() if isinstance(m, BinaryLayerMixin)]
+
+    def counts(self):
+        """The counters' values, with one host sync."""
+        return torch.stack([t.to(self.device, torch.float64)
+                            for _, t, _ in self.counters()]).tolist()
 
     def _step(self):
         if self.data.on_device:
@@ -452,11 +476,7 @@ class TrainStep:
         elif self.mode != "eager" and self.steps == 0:
             self._first_compiled_step()
         elif self.mode == "graph" and self.steps >= WARMUP_STEPS:
-            self._capture()
-            if self.graph is not None:
-                self.graph.replay()
-            else:  # the capture failed: the compiled step without a graph from now on
-                self._step()
+            self._capture()  # and this step, one way or another
         elif self.mode == "graph":
             self._side_stream_step()
         else:
@@ -477,32 +497,130 @@ class TrainStep:
             _restore(self.model, self.optimizer, saved[0])
             self.i.copy_(saved[1])
             self.losses.copy_(saved[2])
-            first_line = (str(e).strip().splitlines() or [""])[0][:300]
-            print(f"warning: torch.compile failed ({type(e).__name__}: {first_line}); "
-                  "continuing with the eager modules (slower; --compile=false skips this)")
+            print(f"warning: torch.compile failed ({_first_line(e)}); continuing with the eager "
+                  "modules (slower; --compile=false skips this)")
             self._use("eager")
             self._step()
 
     def _side_stream_step(self):
-        # CUDA graphs want the steps before a capture on a side stream.
-        stream = torch.cuda.Stream(self.data.device)
-        stream.wait_stream(torch.cuda.current_stream(self.data.device))
-        with torch.cuda.stream(stream):
-            self._step()
-        torch.cuda.current_stream(self.data.device).wait_stream(stream)
+        # CUDA graphs want the steps before a capture on a side stream, of the run's GPU.
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def written(self):
+        """(name, tensor) for every tensor the step writes, the most telling first: the losses,
+        the batch counter, the optimizer's state (its step counts), the network's parameters
+        and buffers (the draw counters among them)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        named = [("the losses", self.losses), ("the batch counter", self.i)]
+        named += [(f"optimizer state {k!r} of {names.get(id(p), '?')}", v)
+                  for p in self.params for k, v in self.optimizer.state[p].items()
+                  if torch.is_tensor(v)]
+        named += [(f"parameter {n}", t) for n, t in self.model.named_parameters()]
+        return named + [(f"buffer {n}", t) for n, t in self.model.named_buffers()]
+
+    def tensors(self):
+        """(name, tensor) for every tensor the step reads: what a CUDA graph reads at fixed
+        addresses, so all of it must be on the run's device (a CPU tensor becomes a scalar baked
+        in at capture)."""
+        return self.written() + [
+            ("the learning rate", self.optimizer.LR), ("the W_LR_scales", self.optimizer._scale),
+            ("the epoch's order", self.order), ("the batch offsets", self.offsets),
+            ("the training inputs", self.data.X), ("the training targets", self.data.y)]
+
+    def _misplaced(self):
+        """The first tensor the step reads that is not on the run's device, or None."""
+        for name, t in self.tensors():
+            if t.device != self.device:
+                return f"{name} is on {t.device}"
+        return None
 
     def _capture(self):
+        """Checks before and after the capture (what a graph would silently get wrong): every
+        tensor on the device, else no graph; the first replay equal to the compiled step from
+        the same state, else no graph. Any failure: the compiled step without a graph."""
+        misplaced = self._misplaced()
+        if misplaced:
+            return self._without_graph(f"not capturing a CUDA graph: {misplaced}, not "
+                                       f"{self.device} (a graph would freeze its value)")
+        rng = torch.cuda.get_rng_state(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # On the run's device: torch.cuda.graph's default stream is one of the device that
+            # was current at its first use, which is 0 for a run on cuda:1.
+            with torch.cuda.device(self.device), \
+                    torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
                 self._step()  # recorded, not run: the step it records runs at replay
         except Exception as e:
-            first_line = (str(e).strip().splitlines() or [""])[0][:300]
-            print(f"warning: CUDA graph capture failed ({type(e).__name__}: {first_line}); "
-                  "continuing with the compiled step without a graph")
-            self.mode = "compiled"
-            return
+            self._clean_up_after_capture(rng, e)
+            return self._without_graph(f"CUDA graph capture failed ({_first_line(e)})")
         self.graph = graph
+        differs = self._check_first_replay()
+        if differs:
+            self.graph = None
+            self.mode = "compiled"
+            print(f"warning: the CUDA graph's first replay differs from the compiled step "
+                  f"({differs}); continuing with the compiled step without a graph")
+
+    def _without_graph(self, why):
+        print(f"warning: {why}; continuing with the compiled step without a graph")
+        self.mode = "compiled"
+        self._step()
+
+    def _clean_up_after_capture(self, rng, error):
+        """A failed capture can leave CUDA's default generator in capture state (seen on an
+        H100: "Offset increment outside graph capture"), which dropout would hit later: its
+        state goes back to the one before the capture, and a draw checks it."""
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.set_rng_state(rng, self.device)
+            torch.rand(1, device=self.device)
+            torch.cuda.synchronize(self.device)
+        except Exception as e:
+            raise SystemExit(f"error: a failed CUDA graph capture ({_first_line(error)}) left "
+                             f"CUDA unusable in this process ({_first_line(e)}); run it again "
+                             "with --compile=false (a resume may add it too)") from None
+
+    def _check_first_replay(self):
+        """The replay against the compiled step from the same state: the loss, every parameter,
+        buffer and optimizer state (Adam's step count, the draw counters exactly). Returns what
+        differed, or None."""
+        written = self.written()
+        before = [t.clone() for _, t in written]
+        rng = torch.cuda.get_rng_state(self.device)  # dropout draws the same in both
+        self._step()
+        compiled = [t.clone() for _, t in written]
+        _copy_all([t for _, t in written], before)
+        torch.cuda.set_rng_state(rng, self.device)
+        self.graph.replay()
+        differs = [n for (n, t), c in zip(written, compiled) if not _same(t, c)]
+        if differs:  # the run goes on from the compiled step's result
+            _copy_all([t for _, t in written], compiled)
+            return ", ".join(differs[:3]) + (f" and {len(differs) - 3} more"
+                                             if len(differs) > 3 else "")
+        return None
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _copy_all(targets, sources):
+    with torch.no_grad():
+        for t, s in zip(targets, sources):
+            t.copy_(s)
+
+
+def _same(a, b):
+    """Counters and step counts exactly; float32 values to the tolerance between the compiled
+    and the eager step (tests/test_fast_step.py): a replay runs the compiled kernels."""
+    if not a.is_floating_point() or a.dtype == torch.float64:
+        return torch.equal(a, b)
+    return torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-3)
 
 
 def _to_host(obj):
@@ -708,6 +826,18 @@ def _check_finite(losses, epoch):
                          "checkpoint (end of the previous epoch) is kept.")
 
 
+def _miscounted(step, before, n, epoch):
+    """After each epoch: every optimizer step count has moved by the n steps taken, and every
+    stochastic layer's draw counter by its n draws. A CUDA graph that replays nothing, or not
+    the step it should, fails this while its loss may still look fine. The error, or None."""
+    for (name, _, per_step), b, a in zip(step.counters(), before, step.counts()):
+        if a - b != n * per_step:
+            return (f"error: in epoch {epoch}, {name} moved by {a - b:g} in {n} training steps "
+                    f"instead of {n * per_step}: the training step ({MODES[step.mode]}) did not "
+                    "run as it should; stopping. ")
+    return None
+
+
 BIG_LOSS_NOTE = ("  (a validation loss this large is expected early in stochastic BC on small "
                  "networks: the BN statistics were gathered with sampled +-H weights, the "
                  "evaluation uses the real-valued ones; docs/original.md §3)")
@@ -764,6 +894,7 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
                 optimizer.set_learning_rate(LR)
                 model.train()
                 step.start_epoch(state["order"], state["batch"], state["losses"])
+                counts = step.counts()
                 batches = range(state["batch"], n_batches)
                 if sys.stderr.isatty() and sys.stdout.isatty():
                     from tqdm import tqdm
@@ -781,6 +912,14 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
                         _stop(run, interrupt.signum, f"during epoch {epoch} (after batch "
                                                      f"{i + 1} of {n_batches})")
                 losses = step.losses[:n_batches].cpu().numpy()  # the epoch's one host sync
+                miscounted = _miscounted(step, counts, n_batches - state["batch"], epoch)
+                if miscounted:
+                    writer.wait()  # the previous epoch's checkpoint, if any, is on disk
+                    raise SystemExit(miscounted + (
+                        "The last good checkpoint is kept: resume with: python "
+                        f"{run.script}.py --resume={run.out_dir} --compile=false"
+                        if run.path("last.pt").exists() else
+                        "Run it again with --compile=false (the eager modules)."))
                 _check_finite(losses, epoch)
                 train_loss = float(mean32(losses))
                 monitor = epoch % monitor_step == 0 or epoch == num_epochs

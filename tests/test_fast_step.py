@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import binary_connect as bc  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
+from cuda_standin import StandIn  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -238,54 +239,8 @@ def test_many_compiled_steps_in_one_process_stay_compiled():
 
 @pytest.fixture
 def fake_cuda_graphs(monkeypatch):
-    """torch.cuda's streams and graphs stood in for on the CPU, to run the schedule of the
-    "graph" mode (warm-up, one capture, replays across epochs) without a GPU. As in a real
-    capture, capturing leaves every tensor as it was (a capture records the kernels without
-    running them); a replay runs the recorded step. What this cannot show (the captured
-    kernels' fixed addresses, no host syncs) is tests/test_cuda.py's, on a GPU."""
-    real_step = training.TrainStep._step
-    log = dict(captures=0, replays=0, fail=False)
-
-    class Graph:
-        step = None
-
-        def replay(self):
-            log["replays"] += 1
-            real_step(self.step)
-
-    @contextlib.contextmanager
-    def capture(graph):
-        if log["fail"]:
-            raise RuntimeError("operation not permitted when stream is capturing\nmore")
-        log["captures"] += 1
-        log["graph"] = graph
-        yield
-
-    def step(self):
-        graph = log.pop("graph", None)
-        if graph is None:
-            return real_step(self)
-        graph.step = self
-        tensors = list(self.model.state_dict().values()) + [self.i, self.losses]
-        tensors += [t for s in self.optimizer.state.values() for t in s.values()]
-        saved = [t.clone() for t in tensors]
-        real_step(self)
-        for t, s in zip(tensors, saved):
-            t.copy_(s)
-
-    class Stream:
-        def __init__(self, device=None):
-            pass
-
-        def wait_stream(self, other):
-            pass
-    monkeypatch.setattr(training.TrainStep, "_step", step)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    return log
+    """torch.cuda's streams and graphs stood in for on the CPU (tests/cuda_standin.py)."""
+    return StandIn(monkeypatch)
 
 
 @pytest.mark.slow  # compiles
@@ -296,13 +251,13 @@ def test_graph_mode_schedule_gives_the_compiled_step(fake_cuda_graphs, capsys):
     compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
     graph_losses, graph, mode = _run("mlp", True, "graph", steps=8)
     assert mode == "graph"
-    assert fake_cuda_graphs["captures"] == 1
-    assert fake_cuda_graphs["replays"] == 8 - training.WARMUP_STEPS
+    assert fake_cuda_graphs.captures == 1
+    assert fake_cuda_graphs.replays == 8 - training.WARMUP_STEPS  # the first one checked
     assert torch.equal(graph_losses, compiled_losses)
     for k in compiled:
         assert torch.equal(graph[k], compiled[k]), k
 
-    fake_cuda_graphs["fail"] = True
+    fake_cuda_graphs.fail = True
     failed_losses, failed, mode = _run("mlp", True, "graph", steps=8)
     assert mode == "compiled"
     out = capsys.readouterr().out

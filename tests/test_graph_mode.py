@@ -1,0 +1,278 @@
+"""The "graph" mode of the training step (a compiled step captured as a CUDA graph) on the CPU,
+through the stand-in of tests/cuda_standin.py: what a reading found it would get wrong on a GPU
+(issue 14), the stand-in's own freezing, and the run-time guards (before the capture, after it,
+every epoch). What only a GPU can show is tests/test_cuda.py's."""
+import contextlib
+import io
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import binary_connect as bc  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
+from cuda_standin import StandIn, emulated_resume  # noqa: E402
+from test_fast_step import _network, _run, _state, quiet  # noqa: E402
+from test_training_loop import new_run, tiny_data, tiny_mlp  # noqa: E402, F401
+
+CPU = torch.device("cpu")
+N, BATCH = 40, 20  # two steps an epoch
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    return StandIn(monkeypatch)
+
+
+def _data():
+    rng = np.random.RandomState(5)
+    X = rng.randn(N, 64).astype(np.float32)
+    t = (2. * np.eye(10)[rng.randint(0, 10, N)] - 1.).astype(np.float32)
+    return training.Split(X, t, CPU)
+
+
+def _epochs(step, optimizer, epochs):
+    """Epochs of _run's schedule (LR halved each epoch, a new order each), from `epochs[0]`."""
+    losses = []
+    for epoch in epochs:
+        optimizer.set_learning_rate(0.01 * 0.5 ** epoch)
+        step.start_epoch(np.random.RandomState(epoch).permutation(N))
+        for _ in range(N // BATCH):
+            step()
+        losses.append(step.losses.clone())
+    return torch.cat(losses)
+
+
+def _fresh(mode):
+    model, _ = _network("mlp", True)
+    optimizer = quiet(bc.make_optimizer, model, 0.01)
+    training.set_stream_kind(model, "counter")
+    model.train()
+    return model, optimizer, training.TrainStep(model, optimizer, _data(), BATCH, mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault 1: a resume puts the optimizer's state where its parameters are
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_loaded_optimizer_state_is_on_the_parameters_device(optimizer):
+    """Parameters on torch's meta device stand in for CUDA: every state tensor, "step"
+    included, goes to its parameter's device, its dtype kept (torch leaves "step" where it was
+    loaded, on the CPU after map_location="cpu")."""
+    np.random.seed(0)
+    model = models.mlp(num_units=8, n_hidden_layers=1)
+    saved = quiet(bc.make_optimizer, model, 0.01, optimizer).state_dict()
+    np.random.seed(0)
+    meta = models.mlp(num_units=8, n_hidden_layers=1).to("meta")
+    loaded = quiet(bc.make_optimizer, meta, 0.01, optimizer)
+    loaded.load_state_dict(saved)
+    for p in loaded._all:
+        assert loaded.state[p]["step"].dtype == torch.float64
+        for k, v in loaded.state[p].items():
+            assert v.device.type == "meta", k
+
+
+@pytest.mark.slow  # compiles
+def test_graph_mode_after_a_resume_continues_as_the_compiled_step(standin, tmp_path, capsys):
+    """Two epochs compiled, a checkpoint, a resume as on a GPU (what torch.load brings is in host
+    memory), then four epochs in graph mode: the same numbers as six compiled epochs in a row.
+    Without the fix above, Adam's step count stays a host tensor, which the graph freezes."""
+    model, optimizer, step = _fresh("compiled")
+    reference = _epochs(step, optimizer, range(6))
+    expected = _state(model, optimizer)
+
+    model, optimizer, step = _fresh("compiled")
+    _epochs(step, optimizer, range(2))
+    run = types.SimpleNamespace(path=lambda name: tmp_path / name, config={}, device=CPU,
+                                script="mnist", out_dir=tmp_path)
+    state = dict(epoch=2, batch=0, LR=0.0025, best_val_err=100., best_epoch=1, test_err=None,
+                 test_loss=None, history=[], losses=None, order=np.arange(N))
+    training._save_checkpoint(run, model, optimizer, state)
+
+    model, optimizer, _ = _fresh("compiled")
+    with emulated_resume(standin.host):
+        quiet(training._load_checkpoint, run, model, optimizer, N)
+    step = training.TrainStep(model, optimizer, _data(), BATCH, mode="graph")
+    losses = _epochs(step, optimizer, range(2, 6))
+    assert "warning" not in capsys.readouterr().out
+    assert step.mode == "graph" and standin.captures == 1
+    assert torch.equal(losses, reference[2 * (N // BATCH):])
+    state = _state(model, optimizer)
+    for k in expected:
+        assert torch.equal(state[k], expected[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# The stand-in fails where a real graph fails: host values are frozen at capture
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # compiles
+def test_standin_freezes_a_host_tensor_the_step_reads(standin):
+    """The learning rate left in host memory: a graph bakes the value it had at capture, so
+    the epochs after it train with the first epoch's LR."""
+    compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
+    model, optimizer, step = _fresh("graph")
+    standin.host.mark(optimizer.LR)
+    losses = _epochs(step, optimizer, range(4))
+    assert step.mode == "graph"
+    # the first two epochs (one LR) agree; after them, the frozen LR shows
+    assert torch.equal(losses[:4], compiled_losses[:4])
+    assert not torch.equal(losses[4:], compiled_losses[4:])
+    assert float(optimizer.LR) == 0.01 * 0.5 ** 3  # set on the host, never read by the graph
+
+
+@pytest.mark.slow  # compiles
+def test_standin_refuses_a_python_number_the_compiled_step_read(standin, monkeypatch):
+    """The LR read as a Python number inside the compiled update is a constant of the captured
+    kernels; a replay after it changed (epoch 2) would need a recompile: the stand-in raises."""
+    real_update = bc.Adam._update
+
+    def update(self, params, grads, state, t, indices):
+        real_update(self, params, grads, state, t, indices)
+        torch._foreach_mul_(params, 1. + 0. * self.param_groups[0]["lr"])
+    monkeypatch.setattr(bc.Adam, "_update", update)
+    torch._dynamo.reset()
+    model, optimizer, step = _fresh("graph")
+    with pytest.raises(RuntimeError, match="a replay recompiled the step"):
+        _epochs(step, optimizer, range(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The guards: before the capture, after it, every epoch
+# ---------------------------------------------------------------------------------------------
+
+def test_a_tensor_off_the_device_is_named():
+    model, optimizer, step = _fresh("graph")
+    assert step._misplaced() is None
+    p = optimizer._all[0]
+    optimizer.state[p]["step"] = torch.zeros((), dtype=torch.float64, device="meta")
+    assert step._misplaced() == "optimizer state 'step' of 1.weight is on meta"
+
+
+@pytest.mark.slow  # compiles
+def test_no_capture_while_a_tensor_is_off_the_device(standin, monkeypatch, capsys):
+    compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
+    monkeypatch.setattr(training.TrainStep, "_misplaced",
+                        lambda self: "optimizer state 'step' of 0.weight is on cpu")
+    losses, state, mode = _run("mlp", True, "graph", steps=8)
+    assert mode == "compiled" and standin.captures == 0
+    assert ("warning: not capturing a CUDA graph: optimizer state 'step' of 0.weight is on cpu, "
+            "not cpu (a graph would freeze its value); continuing with the compiled step "
+            "without a graph") in capsys.readouterr().out
+    assert torch.equal(losses, compiled_losses)
+    for k in compiled:
+        assert torch.equal(state[k], compiled[k]), k
+
+
+@pytest.mark.slow  # compiles
+def test_a_first_replay_that_differs_drops_the_graph(standin, capsys):
+    """A graph that does nothing (one captured on another device's stream): the check after
+    the capture names what differs, and the run goes on with the compiled step's numbers."""
+    compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
+    standin.replay_does_nothing = True
+    losses, state, mode = _run("mlp", True, "graph", steps=8)
+    assert mode == "compiled" and standin.captures == 1 and standin.replays == 1
+    out = capsys.readouterr().out
+    assert ("warning: the CUDA graph's first replay differs from the compiled step (the losses, "
+            "the batch counter, optimizer state 'step' of 1.weight and ") in out
+    assert "continuing with the compiled step without a graph" in out
+    assert torch.equal(losses, compiled_losses)
+    for k in compiled:
+        assert torch.equal(state[k], compiled[k]), k
+
+
+def _train_tiny(run, epochs=2):
+    rng = np.random.RandomState(0)
+    data = [tiny_data(rng, n) for n in (40, 20, 20)]
+    model = tiny_mlp()
+    optimizer = quiet(bc.make_optimizer, model, 0.01)
+    return training.train(model, optimizer, data, run, 10, 0.01, 0.5, epochs)
+
+
+def test_an_epoch_whose_steps_did_not_all_run_stops_the_run(new_run, monkeypatch):
+    """Adam's step count must move by the number of batches: a step that silently does nothing
+    (after the first two) stops the run at the end of the epoch."""
+    real_call = training.TrainStep.__call__
+
+    def call(self):
+        if self.steps >= 2:
+            self.steps += 1
+            return
+        real_call(self)
+    monkeypatch.setattr(training.TrainStep, "__call__", call)
+    run = new_run()
+    with pytest.raises(SystemExit) as e:
+        _train_tiny(run)
+    assert str(e.value) == (
+        "error: in epoch 1, the optimizer's step count of 1.weight moved by 2 in 4 training "
+        "steps instead of 4: the training step (the eager modules) did not run as it should; "
+        "stopping. Run it again with --compile=false (the eager modules).")
+
+
+def test_a_frozen_draw_counter_stops_the_run(new_run, monkeypatch):
+    """Each stochastic layer draws once a step; a counter that does not move (a graph that
+    baked it in) would repeat the same weights: stop, naming the layer and the resume."""
+    real_step = training.TrainStep._step
+
+    def step(self):
+        real_step(self)
+        if self.steps >= 4:  # epoch 2 of 4 steps an epoch
+            self.model[4].draws.sub_(1)
+    monkeypatch.setattr(training.TrainStep, "_step", step)
+    run = new_run()
+    with pytest.raises(SystemExit) as e:
+        _train_tiny(run, epochs=3)
+    message = str(e.value)
+    assert message.startswith("error: in epoch 2, the draw counter of layer 4 moved by 0 in 4 "
+                              "training steps instead of 4: the training step")
+    assert message.endswith(f"The last good checkpoint is kept: resume with: python mnist.py "
+                            f"--resume={run.out_dir} --compile=false")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault 3: a run on cuda:N captures on cuda:N; fault 4: a failed capture leaves torch clean
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # compiles
+def test_capture_happens_under_the_runs_device(standin, monkeypatch):
+    model, optimizer, step = _fresh("graph")
+    step.device = torch.device("cuda", 1)  # only the capture's bookkeeping reads it here
+    monkeypatch.setattr(training.TrainStep, "_misplaced", lambda self: None)
+    _epochs(step, optimizer, range(3))
+    assert step.mode == "graph"
+    assert standin.capture_devices == [torch.device("cuda", 1)]
+
+
+@pytest.mark.slow  # compiles
+def test_a_failed_capture_puts_the_cuda_generator_back(standin):
+    standin.fail = True
+    standin.rng_state = torch.arange(16, dtype=torch.uint8)
+    model, optimizer, step = _fresh("graph")
+    quiet(_epochs, step, optimizer, range(3))
+    assert step.mode == "compiled"
+    assert len(standin.rng_restored) == 1
+    assert torch.equal(standin.rng_restored[0], torch.arange(16, dtype=torch.uint8))
+
+
+@pytest.mark.slow  # compiles
+def test_a_capture_that_breaks_cuda_stops_with_a_message(standin, monkeypatch):
+    standin.fail = True
+
+    def broken(state, device=None):
+        raise RuntimeError("Offset increment outside graph capture encountered unexpectedly.")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", broken)
+    model, optimizer, step = _fresh("graph")
+    with pytest.raises(SystemExit) as e:
+        quiet(_epochs, step, optimizer, range(3))
+    assert str(e.value) == (
+        "error: a failed CUDA graph capture (RuntimeError: operation not permitted when stream "
+        "is capturing) left CUDA unusable in this process (RuntimeError: Offset increment "
+        "outside graph capture encountered unexpectedly.); run it again with --compile=false "
+        "(a resume may add it too)")

@@ -9,7 +9,9 @@ For each net (MNIST 3x2048 MLP, batch 100; CIFAR-10 CNN, batch 50; SVHN CNN, bat
   plain       the same math written out as plain tensors (no modules): the reference;
   eager       this project's modules, run eagerly (--compile=false);
   fast-<p>    this project's fast step (--compile=true: compiled; on CUDA also captured as a CUDA
-              graph) in precision p (fp32, tf32, bf16).
+              graph) in precision p (fp32, tf32, bf16);
+  fast_fp32_autotuned  (CUDA, --autotune) the fp32 fast step with inductor's and cuDNN's
+              deterministic modes off (kernels chosen by timing): what determinism costs.
 Each variant is built afresh from the same seed and timed `repeats` times, alternating with the
 others, over `steps` steps after its warm-up (compiling included there, not in the timing); the
 best time of each is kept (these machines are noisy: the ratios are what count). An evaluation
@@ -118,8 +120,10 @@ def _sync(device):
 class Variant:
     """One way of running the training step, on its own fresh copy of the network."""
 
-    def __init__(self, name, net, device, data, steps, mode=None, precision="fp32"):
+    def __init__(self, name, net, device, data, steps, mode=None, precision="fp32",
+                 deterministic=True):
         self.name, self.device, self.steps, self.precision = name, device, steps, precision
+        self.deterministic = deterministic
         script = importlib.import_module(net)
         c = hyperparameters(vars(script))
         np.random.seed(c["seed"])
@@ -148,9 +152,17 @@ class Variant:
                 self.step()
         self.run = run
 
+    def warm_up(self):
+        """Two runs: compiling and, on CUDA, capturing happen here, in the variant's own
+        arithmetic (what is captured keeps the precision it was captured in)."""
+        training.set_precision(self.precision, self.device, self.deterministic)
+        self.run()
+        self.run()
+        _sync(self.device)
+
     def time(self):
         """Seconds per step over `steps` steps (one sync at the end, as the training loop)."""
-        training.set_precision(self.precision, self.device)
+        training.set_precision(self.precision, self.device, self.deterministic)
         _sync(self.device)
         start = time.perf_counter()
         self.run()
@@ -161,6 +173,7 @@ class Variant:
         if not hasattr(self, "step"):
             return None
         split = training.Split(X.cpu().numpy(), t.cpu().numpy(), self.device)
+        training.set_precision(self.precision, self.device, self.deterministic)
         with training.autocast(self.precision, self.device):
             training.evaluate(self.model, split, self.batch_size, forward=self.step.forward)
             _sync(self.device)
@@ -170,7 +183,7 @@ class Variant:
         return (time.perf_counter() - start) / split.n
 
 
-def benchmark(net, device, steps, repeats, precisions):
+def benchmark(net, device, steps, repeats, precisions, autotune=False):
     spec = NETS[net]
     script = importlib.import_module(net)
     c = hyperparameters(vars(script))
@@ -186,11 +199,12 @@ def benchmark(net, device, steps, repeats, precisions):
     fast = "graph" if device.type == "cuda" else "compiled"
     for p in precisions:
         variants.append(Variant(f"fast_{p}", net, device, (X, t), steps, mode=fast, precision=p))
-    for v in variants:  # warm-up: compiling, capturing, caches
+    if autotune and device.type == "cuda":  # what inductor's deterministic mode costs
+        variants.append(Variant("fast_fp32_autotuned", net, device, (X, t), steps, mode=fast,
+                                deterministic=False))
+    for v in variants:
         start = time.perf_counter()
-        v.run()
-        v.run()
-        _sync(device)
+        v.warm_up()
         print(f"  {net}: {v.name} warmed up in {time.perf_counter() - start:.1f} s", flush=True)
     best = {v.name: math.inf for v in variants}
     for _ in range(repeats):
@@ -201,7 +215,7 @@ def benchmark(net, device, steps, repeats, precisions):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{net} on {device} ({name}), {torch.get_num_threads()} threads, batch "
           f"{c['batch_size']}, {spec['steps_per_epoch']} steps per epoch, {spec['epochs']} epochs:")
-    print(f"  {'variant':<11}{'ms/step':>9}{'plain/this':>12}{'full run (min)':>16}")
+    print(f"  {'variant':<20}{'ms/step':>9}{'plain/this':>12}{'full run (min)':>16}")
     summary = [f"SUMMARY net={net} device={device.type}"]
     for v in variants:
         ms = best[v.name] * 1e3
@@ -210,7 +224,7 @@ def benchmark(net, device, steps, repeats, precisions):
             eval_per_image["eager"]
         minutes = spec["epochs"] * (spec["steps_per_epoch"] * best[v.name]
                                     + spec["eval_images"] * per_image) / 60
-        print(f"  {v.name:<11}{ms:9.2f}{ratio:12.3f}{minutes:16.1f}")
+        print(f"  {v.name:<20}{ms:9.2f}{ratio:12.3f}{minutes:16.1f}")
         summary += [f"{v.name}_ms={ms:.3f}", f"ratio_{v.name}={ratio:.3f}",
                     f"full_run_min_{v.name}={minutes:.1f}"]
     print(" ".join(summary), flush=True)
@@ -227,6 +241,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per variant (best kept)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--autotune", action="store_true",
+                        help="on CUDA, also time the fp32 fast step with inductor's and cuDNN's "
+                             "deterministic modes off")
     parser.add_argument("--precisions", default="auto",
                         help="comma-separated among fp32, tf32, bf16; auto: fp32 on the CPU, all "
                              "three on CUDA")
@@ -243,7 +260,7 @@ def main(argv=None):
     if unknown := [p for p in precisions if p not in ("fp32", "tf32", "bf16")]:
         parser.error(f"--precisions: unknown {', '.join(unknown)}; choose among fp32, tf32, bf16")
     for net in nets:
-        benchmark(net, device, args.steps, args.repeats, precisions)
+        benchmark(net, device, args.steps, args.repeats, precisions, args.autotune)
 
 
 if __name__ == "__main__":

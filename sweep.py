@@ -20,7 +20,8 @@ are started. A run that another process is running (it holds SWEEP_DIR/.../.lock
 
 Jobs go through submitit. --cluster=local (the default) runs them on this machine: one job per GPU
 (or --parallel jobs on the CPU), each running its share of the runs one after another; this command
-waits for them (Ctrl-C stops them at a checkpoint). --cluster=slurm submits one Slurm array job,
+waits for them (Ctrl-C stops them at a checkpoint); --runs_per_gpu=K runs K jobs side by side on each
+GPU. --cluster=slurm submits one Slurm array job,
 one task per run, and returns; a task that reaches its time limit or is pre-empted checkpoints and
 is requeued. The job logs are in SWEEP_DIR/submitit/.
 """
@@ -252,19 +253,30 @@ def submit_slurm(runs, args, folder):
           f"{folder.parent}. Run this command again to see where the sweep stands.")
 
 
+def lane_gpus(n_runs, gpus, runs_per_gpu=1, parallel=0):
+    """The GPU of each local job (None on the CPU): runs_per_gpu jobs per GPU (the MNIST net
+    uses a small part of one; the paper's MNIST column is 4 rows x several seeds), or
+    --parallel jobs; never more jobs than runs. Jobs go round the GPUs, so a sweep of fewer
+    runs than places still spreads over every GPU."""
+    lanes = min(parallel or max(gpus * runs_per_gpu, 1), n_runs)
+    return [i % gpus if gpus else None for i in range(lanes)]
+
+
 def run_local(runs, args, folder):
     """submitit's LocalExecutor starts every job it is given at once, each on the first
-    gpus_per_node GPUs (local.py, _submit_command). So: one job per GPU, pinned to it with
-    visible_gpus, or --parallel jobs on the CPU, each running its share of the runs in turn."""
+    gpus_per_node GPUs (local.py, _submit_command). So: --runs_per_gpu jobs per GPU, each pinned
+    to its GPU with visible_gpus, or --parallel jobs on the CPU, each running its share of the
+    runs in turn."""
     gpus = gpu_count()
-    lanes = min(args.parallel or max(gpus, 1), len(runs))
+    placed = lane_gpus(len(runs), gpus, args.runs_per_gpu, args.parallel)
+    lanes = len(placed)
     threads = max(1, (os.cpu_count() or 1) // lanes) if not gpus and lanes > 1 else None
     executor = submitit.LocalExecutor(folder=folder)
     jobs = []
-    for i in range(lanes):
+    for i, gpu in enumerate(placed):
         if gpus:
             executor.update_parameters(timeout_min=args.time or 365 * 24 * 60, gpus_per_node=1,
-                                       visible_gpus=(i % gpus,))
+                                       visible_gpus=(gpu,))
         else:
             executor.update_parameters(timeout_min=args.time or 365 * 24 * 60, gpus_per_node=0)
         jobs.append(executor.submit(Lane(runs[i::lanes], os.getcwd(), threads)))
@@ -312,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--parallel", type=int, default=0,
                         help="jobs at once: local, default one per GPU or 1 on the CPU; Slurm, "
                              "the array's parallelism (default: submitit's 256)")
+    parser.add_argument("--runs_per_gpu", type=int, default=1,
+                        help="local: jobs side by side on each GPU (default 1)")
     parser.add_argument("--time", type=int, default=0,
                         help="minutes per job before it is checkpointed and requeued (Slurm "
                              "default 1440; local default no limit)")
@@ -323,6 +337,8 @@ def main(argv=None):
                              "--slurm=qos=high --slurm=mem=32GB (repeatable)")
     parser.add_argument("--dry_run", action="store_true", help="print the plan; submit nothing")
     args, overrides = parser.parse_known_args(argv)
+    if args.runs_per_gpu < 1:
+        fail(f"--runs_per_gpu={args.runs_per_gpu}: give 1 or more")
 
     for item in overrides:
         key, sep, _ = item[2:].partition("=")

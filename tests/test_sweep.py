@@ -293,3 +293,45 @@ def test_a_slurm_sweep_may_name_a_gpu_this_login_node_lacks(tmp_path):
     if not torch.cuda.is_available():  # on this machine it would not run
         proc = run("sweep.py", *args, "--device=cuda")
         assert proc.returncode == 2 and "CUDA is not available" in proc.stderr
+
+
+@pytest.mark.parametrize("n_runs, gpus, per_gpu, parallel, expected", [
+    (8, 2, 1, 0, [0, 1]),                  # one job per GPU
+    (8, 2, 3, 0, [0, 1, 0, 1, 0, 1]),      # three side by side on each
+    (3, 2, 3, 0, [0, 1, 0]),               # no more jobs than runs, spread over both GPUs
+    (8, 0, 4, 0, [None]),                  # the CPU: one job ...
+    (8, 0, 1, 3, [None, None, None]),      # ... or --parallel
+    (8, 2, 4, 3, [0, 1, 0]),               # --parallel decides the count
+])
+def test_jobs_per_gpu(n_runs, gpus, per_gpu, parallel, expected):
+    assert sweep.lane_gpus(n_runs, gpus, per_gpu, parallel) == expected
+
+
+def test_runs_per_gpu_pins_each_local_job_to_its_gpu(tmp_path, monkeypatch, capsys):
+    """run_local with 2 GPUs and --runs_per_gpu=2: four jobs, two pinned to each GPU, sharing
+    the runs out in turn."""
+    submitted = []
+
+    class Executor:
+        def __init__(self, folder):
+            self.params = {}
+
+        def update_parameters(self, **params):
+            self.params = params
+
+        def submit(self, lane):
+            submitted.append((self.params["visible_gpus"], [r.seed for r in lane.runs]))
+            return SimpleNamespace(result=lambda: [(r.dir, 0) for r in lane.runs])
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 2)
+    monkeypatch.setattr(sweep.submitit, "LocalExecutor", Executor)
+    runs = [sweep.Run("mnist", "det_bc", s, str(tmp_path / f"seed{s}"), ()) for s in range(1, 7)]
+    args = SimpleNamespace(runs_per_gpu=2, parallel=0, time=0)
+    sweep.run_local(runs, args, tmp_path / "submitit")
+    assert submitted == [((0,), [1, 5]), ((1,), [2, 6]), ((0,), [3]), ((1,), [4])]
+    assert "Running 6 runs as 4 local job(s) on 2 GPU(s)" in capsys.readouterr().out
+
+
+def test_runs_per_gpu_below_one_is_refused(tmp_path):
+    proc = run("sweep.py", str(tmp_path / "sweep"), "--datasets=mnist", "--runs_per_gpu=0",
+               "--dry_run")
+    assert proc.returncode == 2 and "--runs_per_gpu=0: give 1 or more" in proc.stderr

@@ -1,0 +1,33 @@
+"""benchmark.py's arithmetic: each variant compiles and captures in its own precision (a CUDA
+graph keeps the arithmetic it was captured in), not in the one set last."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import benchmark  # noqa: E402
+import training  # noqa: E402
+
+
+def test_each_fast_step_is_warmed_up_and_timed_in_its_own_precision(monkeypatch, capsys):
+    seen = []
+
+    def call(self):  # records instead of training: compiling is not what is tested
+        seen.append((self.precision, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32))
+        self.steps += 1
+    monkeypatch.setattr(training.TrainStep, "__call__", call)
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: (0., 0.))
+    try:
+        benchmark.benchmark("mnist", torch.device("cpu"), steps=1, repeats=1,
+                            precisions=["tf32", "fp32", "bf16"])
+    finally:
+        training.set_precision("fp32", torch.device("cpu"))
+    assert {p for p, _, _ in seen} == {"fp32", "tf32", "bf16"}
+    # warm-up (2 runs) and timing (1) of each, the eager variant among the fp32 ones
+    assert len(seen) == 3 * 4
+    for precision, matmul, cudnn in seen:
+        assert matmul == cudnn == (precision == "tf32"), seen
+    assert "SUMMARY net=mnist device=cpu" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Run a 1-bit BinaryConnect model (export.py's .npz) with numpy alone: no torch anywhere.
+"""Run a 1-bit BinaryConnect model (export.py's .npz) from its packed bits (packed.c), or with numpy
+alone where no C compiler is found: no torch anywhere.
 
     python infer.py MODEL.npz [--data_dir=...] [--all] [--center=own|train]
 

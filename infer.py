@@ -1,4 +1,5 @@
-"""Run a 1-bit BinaryConnect model (export.py's .npz) with numpy alone: no torch anywhere.
+"""Run a 1-bit BinaryConnect model (export.py's .npz) from its packed bits (packed.c), or with numpy
+alone where no C compiler is found: no torch anywhere.
 
     python infer.py MODEL.npz [--data_dir=...] [--all] [--center=own|train]
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import packed
 from report import mean32, report_lines
 
 FORMAT = "binaryconnect-1bit"
@@ -37,8 +39,9 @@ class ModelError(Exception):
 
 
 class Model:
-    """A loaded 1-bit model: `meta` (model.json), `layers` (ops with their arrays unpacked to
-    float32 +-1 matrices), `input_mean` (MNIST) or None."""
+    """A loaded 1-bit model: `meta` (model.json), `layers` (ops with their arrays: the sign bits
+    kept packed for packed.c, or, on the numpy path, unpacked to float32 +-1 matrices),
+    `input_mean` (MNIST) or None."""
 
     def __init__(self, meta, layers, input_mean, path):
         self.meta, self.layers, self.input_mean, self.path = meta, layers, input_mean, path
@@ -49,7 +52,8 @@ class Model:
 
 
 def load(path):
-    """Read and check an export.py file; the sign bits are unpacked once, here."""
+    """Read and check an export.py file. The sign bits stay packed (one bit per weight) when
+    packed.c's kernel is available; without it they are unpacked once, here, for numpy."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
@@ -69,7 +73,8 @@ def load(path):
         raise ModelError(f"{path}: format version {meta.get('version')}; this infer.py reads "
                          f"version {FORMAT_VERSION}")
     try:
-        layers = [_unpack(op, arrays) for op in meta["layers"]]
+        lib = packed.kernel()
+        layers = [_unpack(op, arrays, lib is not None) for op in meta["layers"]]
         mean = arrays.get(meta.get("preprocessing", {}).get("mean", ""), None)
     except (KeyError, ValueError, TypeError) as e:
         raise ModelError(f"{path}: inconsistent model file ({type(e).__name__}: {e}); "
@@ -77,19 +82,35 @@ def load(path):
     return Model(meta, layers, mean, path)
 
 
-def _unpack(op, arrays):
+def float_model(model):
+    """The same model on the numpy float32 path: +-1 matrices on numpy's BLAS. The reference
+    that the packed path is tested against, and the fallback without a compiler."""
+    layers = [dict(op) for op in model.layers]
+    for op in layers:
+        if "bits" in op:
+            op["W"] = packed.unpack(op)
+            del op["bits"]
+    return Model(model.meta, layers, model.input_mean, model.path)
+
+
+def _unpack(op, arrays, keep_packed):
     op = dict(op)
     if op["op"] in ("dense", "conv"):
         shape = tuple(op["shape"])
         n = int(np.prod(shape))
-        bits = np.unpackbits(arrays[op["signs"]], count=n)
-        if bits.size != n:
+        signs = arrays[op["signs"]]
+        if signs.dtype != np.uint8 or signs.ndim != 1 or signs.size * 8 < n:
             raise ValueError(f"{op['signs']} holds fewer than {n} bits")
+        op["H"] = float(op["H"])
+        if op.get("bias"):
+            op["b"] = arrays[op["bias"]].astype(np.float32)
+        if keep_packed:
+            op["bits"], op["n_groups"], op["row_bytes"] = packed.pack(signs, shape)
+            return op
+        bits = np.unpackbits(signs, count=n)
         # +-1 as float32, laid out as a matrix (out, in) or (C_out, C_in*k*k): the products then
         # run on numpy's BLAS; H multiplies the result once.
         op["W"] = (bits.astype(np.float32) * 2 - 1).reshape(shape[0], -1)
-        if op.get("bias"):
-            op["b"] = arrays[op["bias"]].astype(np.float32)
     elif op["op"] == "affine":
         op["a"] = arrays[op["scale"]].astype(np.float32)
         op["c"] = arrays[op["shift"]].astype(np.float32)
@@ -122,6 +143,14 @@ def predict(model, X):
         kind = op["op"]
         if kind == "flatten":
             x = x.reshape(len(x), -1)  # C order, as torch's flatten
+        elif kind == "dense" and "bits" in op:
+            x = packed.dense(packed.kernel(), x, op)  # H applied inside
+            if "b" in op:
+                x = x + op["b"]
+        elif kind == "conv" and "bits" in op:
+            x = packed.conv(packed.kernel(), x, op)
+            if "b" in op:
+                x = x + op["b"][:, None, None]
         elif kind == "dense":
             x = (x @ op["W"].T) * np.float32(op["H"])
             if "b" in op:

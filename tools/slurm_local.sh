@@ -10,12 +10,14 @@
 # Everything (munge key and socket, slurm.conf, state, logs, pid files) lives in $SLURM_LOCAL_DIR
 # (default /tmp/slurm_local), so the system's own /etc/munge and /etc/slurm are left alone; the
 # clients (sinfo, sbatch, sweep.py) find the cluster through SLURM_CONF=$SLURM_LOCAL_DIR/slurm.conf,
-# which start prints. Run as root; as another user munged and slurmctld start, but slurmd cannot
-# launch jobs as that user everywhere.
+# which start prints. Ports: $SLURM_LOCAL_PORT (default 6817) and the next. Run as root; as
+# another user munged and slurmctld start, but slurmd cannot launch jobs as that user everywhere.
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/slurm_local}
 CONF=$DIR/slurm.conf
+# slurmd listens on the next port; another Slurm on this machine needs other ports
+PORT=${SLURM_LOCAL_PORT:-6817}
 export SLURM_CONF=$CONF
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
@@ -44,6 +46,8 @@ write_conf() {
 # Written by tools/slurm_local.sh: one node, this machine.
 ClusterName=local
 SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
 SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
@@ -78,9 +82,12 @@ EOF
 }
 
 alive() {  # alive NAME: the daemon NAME whose pid file is in DIR runs (not a reused pid)
-    local pid
+    local pid stat
     pid=$(cat "$DIR/$1.pid" 2>/dev/null) || return 1
-    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] || return 1
+    # a daemon whose parent is gone stays a zombie where PID 1 does not reap: it has ended
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    [ "$(echo "${stat##*) }" | cut -d' ' -f1)" != Z ]
 }
 
 start() {

@@ -7,10 +7,10 @@ an hparams.json below it is a run. A run is finished when its metrics.jsonl has 
 last epoch (num_epochs); its test error is the one at the best-validation epoch (the "test_err"
 of that last line, as the script's report gives it). Runs are grouped by their hyperparameters
 other than the seed and where things are (NOT_IN_ROW); each group is one row: the mean, the
-sample std (n - 1) and n, beside the paper's number. A seed counts once in a row: a second
-directory with the same run (a copy) is named under the table and left out. The row is named by what its hyperparameters
+sample std (n - 1) and n, beside the paper's number. The row is named by what its hyperparameters
 make it (binary, stochastic, dropout; the MNIST protocol), not by its directory names. Unfinished
-runs are listed under the table, not averaged.
+runs are listed under the table, not averaged. A seed counts once in a row: a second directory
+with the same run (a copy) is named under the table and left out.
 """
 import argparse
 import csv

@@ -111,7 +111,9 @@ def refusals(request, set_by_slurm=(), offer=None):
         messages.append(f"{options['cpus_per_task']}={cpu}: the nodes of {where} have at most "
                         f"{most} CPUs; the job would wait in the queue forever")
     limits = [offer[p]["minutes"] for p in parts]
-    if all(m is not None for m in limits) and int(request["time"]) > max(limits):
+    # a --slurm=time=D-HH:MM is left to sbatch
+    if (all(m is not None for m in limits) and str(request["time"]).isdigit()
+            and int(request["time"]) > max(limits)):
         messages.append(f"{options['time']}={request['time']}: {where} allows at most "
                         f"{max(limits):g} minutes a job; a task that reaches it is requeued and "
                         "continues, so a shorter --time loses nothing")

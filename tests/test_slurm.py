@@ -113,6 +113,7 @@ def test_refusals_name_the_option_that_asked():
     assert slurm.refusals({**request, "partition": "gpu"}, offer=OFFER) == []
     got = slurm.refusals(dict(request, partition="gpu", gpus_per_node=8, time=3000), offer=OFFER)
     assert [m.split(":")[0] for m in got] == ["--gpus_per_job=8", "--time=3000"]
+    assert slurm.refusals(dict(request, partition="gpu", time="3-00:00"), offer=OFFER) == []
     assert "at most 4 GPU(s)" in got[0] and "at most 2880 minutes" in got[1]
     assert slurm.refusals(dict(request, partition="cpu,gpu"), offer=OFFER) == []
     assert slurm.refusals(dict(request, partition="gpus"), offer=OFFER) == [
@@ -197,7 +198,8 @@ def grid(data):
 
 @pytest.mark.slow
 def test_the_grid_is_one_array_job_that_finishes(grid):
-    assert "Submitted Slurm array job" in grid.a_submit.stdout and "(2 tasks)" in grid.a_submit.stdout
+    out = grid.a_submit.stdout
+    assert "Submitted Slurm array job" in out and "(2 tasks)" in out
     assert len(grid.a_jobs) == 2 and grid.a_jobs[0].split("_")[0] == grid.a_jobs[1].split("_")[0]
     for variant in ("det_bc", "no_reg"):
         assert [m["epoch"] for m in metrics(grid.a / f"mnist_{variant}" / "seed1")] == list(

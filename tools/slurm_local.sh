@@ -121,10 +121,11 @@ start() {
         sleep 0.5
     done
     if [ "$state" != idle ]; then
-        say "the node is not idle after 30 s (sinfo: '${state}'); see $DIR/slurmctld.log, slurmd.log"
+        say "the node is not idle after 30 s (sinfo: '${state}'); see $DIR/slurm*.log"
         return 1
     fi
-    say "Slurm runs: partitions $(sinfo --noheader --format='%R (%c CPUs, time limit %l)' | paste -sd' '); the clients need:"
+    say "Slurm runs, partitions:" \
+        "$(sinfo --noheader --format='%R (%c CPUs, time limit %l)' | paste -sd' '); for clients:"
     echo "export SLURM_CONF=$CONF"
 }
 
@@ -153,7 +154,11 @@ stop() {
 
 status() {
     for daemon in munged slurmctld slurmd; do
-        if alive "$daemon"; then echo "$daemon: pid $(cat "$DIR/$daemon.pid")"; else echo "$daemon: not running"; fi
+        if alive "$daemon"; then
+            echo "$daemon: pid $(cat "$DIR/$daemon.pid")"
+        else
+            echo "$daemon: not running"
+        fi
     done
     if alive slurmctld; then sinfo; squeue; fi
 }
@@ -163,6 +168,7 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 install|start|stop|status  (state in \$SLURM_LOCAL_DIR, default /tmp/slurm_local)" >&2
+    *) echo "usage: $0 install|start|stop|status (state in \$SLURM_LOCAL_DIR, default" \
+            "/tmp/slurm_local)" >&2
        exit 2 ;;
 esac

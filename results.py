@@ -9,7 +9,8 @@ of that last line, as the script's report gives it). Runs are grouped by their h
 other than the seed and where things are (NOT_IN_ROW); each group is one row: the mean, the
 sample std (n - 1) and n, beside the paper's number. The row is named by what its hyperparameters
 make it (binary, stochastic, dropout; the MNIST protocol), not by its directory names. Unfinished
-runs are listed under the table, not averaged.
+runs are listed under the table, not averaged. A seed counts once in a row: a second directory
+with the same run (a copy) is named under the table and left out.
 """
 import argparse
 import csv
@@ -138,8 +139,22 @@ def protocol_and_settings(script, hp):
     return "lasagne", lasagne
 
 
+def once_per_seed(members):
+    """One run per seed in a row: a second directory with the same seed of the same row (a copy,
+    or the run done twice) is no second sample, and counting it would shrink the std. The first
+    found (in the order of the arguments) is kept; the others are named under the table."""
+    kept, copies = {}, []
+    for run in members:
+        seed = normal(run["hparams"]["seed"])
+        if seed in kept:
+            copies.append((kept[seed], run))
+        else:
+            kept[seed] = run
+    return list(kept.values()), copies
+
+
 def group(runs):
-    """Rows: runs with the same script and hyperparameters but for NOT_IN_ROW."""
+    """Rows: runs with the same script and hyperparameters but for NOT_IN_ROW, a seed once."""
     rows = {}
     for run in runs:
         hp = run["hparams"]
@@ -148,6 +163,7 @@ def group(runs):
         rows.setdefault(key, []).append(run)
     table = []
     for (script, _), members in rows.items():
+        members, copies = once_per_seed(members)
         hp = members[0]["hparams"]
         protocol, settings = protocol_and_settings(script, hp)
         errors = [r["metrics"][-1]["test_err"] for r in members]
@@ -163,7 +179,7 @@ def group(runs):
             paper_note=script == "mnist" and protocol == "lasagne" and (script, name) in PAPER,
             hours=sum(r["hours"] for r in members), run_hours=[r["hours"] for r in members],
             monitor_step=hp.get("monitor_step", 1),
-            devices=[r["devices"] for r in members],
+            devices=[r["devices"] for r in members], copies=copies,
             commits=sorted({c for r in members for c in r["commits"]})))
     order = list(DATASETS)
     table.sort(key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else 9,
@@ -214,9 +230,13 @@ def notes_for(rows, unfinished, notes):
         lines.append("metrics.jsonl has a line only for the evaluated epochs (monitor_step > 1), "
                      "so the time of the others is missing from these hours.")
     for row in rows:
-        if len(set(row["seeds"])) < len(row["seeds"]):
-            lines.append(f"Warning: a seed appears twice in {DATASETS.get(row['dataset'])} "
-                         f"{row['variant']}: seeds {row['seeds']} (the same run counted twice?)")
+        for kept, copy in row["copies"]:
+            errors = [r["metrics"][-1]["test_err"] for r in (kept, copy)]
+            lines.append(f"Counted once: seed {kept['hparams']['seed']} of "
+                         f"{DATASETS.get(row['dataset'], row['dataset'])} {row['variant']} is in "
+                         f"{kept['dir']} and in {copy['dir']}, which is left out"
+                         + (f" (its test error differs: {errors[1]} against {errors[0]})"
+                            if errors[0] != errors[1] else "") + ".")
     if any(row["paper_note"] for row in rows):
         lines.append("†: Table 2's MNIST numbers come from the paper's own protocol "
                      "(config/mnist_paper_*.py, §9); for its mnist.py with stoch. BC the "

@@ -23,7 +23,9 @@ Jobs go through submitit. --cluster=local (the default) runs them on this machin
 waits for them (Ctrl-C stops them at a checkpoint); --runs_per_gpu=K runs K jobs side by side on each
 GPU. --cluster=slurm submits one Slurm array job,
 one task per run, and returns; a task that reaches its time limit or is pre-empted checkpoints and
-is requeued. The job logs are in SWEEP_DIR/submitit/.
+is requeued (a time limit at most --max_timeouts times). A request that no node of the partition
+can satisfy is refused before anything is queued; a run whose job is still in Slurm's queue is
+shown as queued or running and not submitted again. The job logs are in SWEEP_DIR/submitit/.
 """
 import argparse
 import contextlib
@@ -32,6 +34,7 @@ import io
 import os
 import runpy
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +47,7 @@ import submitit
 
 import configurator
 import results
+import slurm
 from results import run_is_finished
 
 # A job unpickles its Lane wherever it runs, maybe not in this directory: results' code (Lane
@@ -241,14 +245,33 @@ def slurm_parameters(args):
     return params
 
 
-def submit_slurm(runs, args, folder):
+def slurm_request(args):
+    """slurm_parameters, refused here when no node of the partition can satisfy them: Slurm
+    would queue such a job and leave it pending for ever (Reason=PartitionConfig)."""
+    params = slurm_parameters(args)
     try:
-        executor = submitit.SlurmExecutor(folder=folder)
-        executor.update_parameters(**slurm_parameters(args))
-    except (RuntimeError, ValueError) as e:
-        fail(str(e).splitlines()[0])
-    with executor.batch():  # one array job: a task per run
-        jobs = [executor.submit(Lane([run], os.getcwd())) for run in runs]
+        problems = slurm.refusals(params, {item.partition("=")[0] for item in args.slurm})
+    except slurm.Unreachable as e:
+        if args.dry_run or shutil.which("sinfo") is None:  # without Slurm submitit says so
+            print(f"note: the Slurm request is not checked against the cluster ({e})")
+            return params
+        fail(f"cannot ask Slurm what its partitions offer ({e})")
+    if problems:
+        fail("\nsweep.py: ".join(problems))
+    return params
+
+
+def submit_slurm(runs, args, folder, params):
+    try:
+        # submitit prints sbatch's complaint itself, over several lines: ours is one.
+        with slurm.nothing_left_on_error(folder.parent), contextlib.redirect_stderr(io.StringIO()):
+            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_timeouts)
+            executor.update_parameters(**params)
+            with executor.batch():  # one array job: a task per run
+                jobs = [executor.submit(Lane([run], os.getcwd())) for run in runs]
+    except (RuntimeError, ValueError, OSError) as e:
+        fail(slurm.one_line(e))
+    slurm.record(folder.parent, jobs, runs)
     print(f"Submitted Slurm array job {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks); logs in "
           f"{folder.parent}. Run this command again to see where the sweep stands.")
 
@@ -332,6 +355,11 @@ def main(argv=None):
     parser.add_argument("--partition", default="", help="Slurm partition")
     parser.add_argument("--gpus_per_job", type=int, default=1, help="Slurm (default 1)")
     parser.add_argument("--cpus_per_job", type=int, default=8, help="Slurm (default 8)")
+    parser.add_argument("--max_timeouts", type=int, default=3,
+                        help="Slurm: times a task may reach its time limit and be requeued "
+                             "(submitit's max_num_timeout; pre-emptions do not count). Past it "
+                             "the task ends, its run checkpointed: this command continues it "
+                             "(default 3)")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="any other SlurmExecutor parameter, e.g. --slurm=account=abc "
                              "--slurm=qos=high --slurm=mem=32GB (repeatable)")
@@ -354,9 +382,13 @@ def main(argv=None):
     runs = [Run(d, v, s, str(sweep_dir / f"{d}_{v}" / f"seed{s}"), tuple(overrides))
             for d, v in pairs for s in seeds]
 
-    plan = [(run, "running" if held(run.dir) else progress(run.dir)) for run in runs]
+    params = slurm_request(args) if args.cluster == "slurm" else None
+    queue = slurm.in_queue(sweep_dir / "submitit")
+    jobs = {run: queue.get(str(Path(run.dir).resolve())) for run in runs}
+    plan = [(run, jobs[run][0] if jobs[run] else "running" if held(run.dir) else progress(run.dir))
+            for run in runs]
     for run, status in plan:  # every command is checked before anything is printed or submitted
-        if status != "running":
+        if status not in ("running", "queued"):
             # a done run must be the run asked for, too
             check(run, resume=status != "start", runs_here=args.cluster == "local")
     print(f"Sweep {sweep_dir}: {len(runs)} runs ({len(pairs)} config(s) x {len(seeds)} seed(s))")
@@ -364,18 +396,20 @@ def main(argv=None):
         if status in ("start", "resume"):
             print(f"  {status:<8}{shown(run.argv(resume=status == 'resume'))}")
         else:
-            print(f"  {status:<8}{run.dir}"
-                  + ("  (another process is running it)" if status == "running" else ""))
+            why = jobs[run][1] if jobs[run] else (
+                "another process is running it" if status == "running" else "")
+            print(f"  {status:<8}{run.dir}" + (f"  ({why})" if why else ""))
     counts = {s: sum(status == s for _, status in plan)
-              for s in ("start", "resume", "done", "running")}
+              for s in ("start", "resume", "done", "running", "queued")}
     print(f"{counts['start']} to start, {counts['resume']} to resume, {counts['done']} already "
-          f"done, {counts['running']} running elsewhere.", flush=True)
+          f"done, {counts['running']} running elsewhere"
+          + (f", {counts['queued']} queued on Slurm." if counts["queued"] else "."), flush=True)
     todo = [run for run, status in plan if status in ("start", "resume")]
     if args.dry_run or not todo:
         return
     folder = sweep_dir / "submitit" / "%j"
     if args.cluster == "slurm":
-        submit_slurm(todo, args, folder)
+        submit_slurm(todo, args, folder, params)
     else:
         run_local(todo, args, folder)
 

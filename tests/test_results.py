@@ -138,6 +138,28 @@ def test_a_sweep_directory_and_its_runs_count_once(tmp_path):
     assert rows[0]["n"] == "1"
 
 
+def test_the_same_seed_in_two_directories_counts_once(tmp_path):
+    # a sweep and a copy of one of its runs, given together: the copy is no second sample
+    write_run(tmp_path / "sweep" / "seed1", errors=[1.], seed=1, num_epochs=1)
+    write_run(tmp_path / "sweep" / "seed2", errors=[2.], seed=2, num_epochs=1)
+    write_run(tmp_path / "copy" / "seed1", errors=[1.], seed=1, num_epochs=1)
+    rows, notes = csv_rows(tmp_path / "sweep", tmp_path / "copy")
+    assert len(rows) == 1 and rows[0]["n"] == "2" and rows[0]["seeds"] == "1 2"
+    assert float(rows[0]["mean"]) == 1.5 and float(rows[0]["std"]) == statistics.stdev([1., 2.])
+    assert (f"Counted once: seed 1 of MNIST BinaryConnect (stoch.) is in "
+            f"{(tmp_path / 'sweep' / 'seed1').resolve()} and in "
+            f"{(tmp_path / 'copy' / 'seed1').resolve()}, which is left out.\n") in notes
+    # the same seed run twice, to another result: the first directory given is kept, and told
+    write_run(tmp_path / "again" / "seed1", errors=[4.], seed=1, num_epochs=1)
+    rows, notes = csv_rows(tmp_path / "again", tmp_path / "sweep")
+    assert rows[0]["n"] == "2" and float(rows[0]["mean"]) == 3.
+    assert "which is left out (its test error differs: 1.0 against 4.0)." in notes
+    # another row (other settings) with the same seed is not a copy
+    write_run(tmp_path / "other" / "seed1", errors=[3.], seed=1, num_epochs=1, LR_start=0.003)
+    rows, notes = csv_rows(tmp_path / "sweep", tmp_path / "other")
+    assert sorted(r["n"] for r in rows) == ["1", "2"] and "Counted once" not in notes
+
+
 def test_latex(tmp_path):
     write_run(tmp_path / "a", errors=[1.], seed=1, num_epochs=1)
     write_run(tmp_path / "b", errors=[2.], seed=2, num_epochs=1)

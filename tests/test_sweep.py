@@ -28,9 +28,16 @@ SEEDS = (1, 2)
 VARIANTS = ("det_bc", "no_reg")
 
 
-def run(script, *args):
+def run(script, *args, env=None):
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
-                          text=True)
+                          text=True, env=env)
+
+
+def without_slurm(tmp_path):
+    """An environment whose PATH has no Slurm commands (sweep.py runs by absolute path), as on
+    a laptop, even where CI runs a Slurm."""
+    (tmp_path / "empty_bin").mkdir(exist_ok=True)
+    return dict(os.environ, PATH=str(tmp_path / "empty_bin"))
 
 
 def metrics(run_dir):
@@ -229,7 +236,7 @@ def test_slurm_parameters_make_a_valid_sbatch_file(tmp_path):
 
 def test_slurm_without_slurm_says_so(tmp_path):
     proc = run("sweep.py", str(tmp_path / "sweep"), "--cluster=slurm", "--datasets=mnist",
-               "--variants=det_bc", "--seeds=1")
+               "--variants=det_bc", "--seeds=1", env=without_slurm(tmp_path))
     assert proc.returncode == 2 and "srun" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -285,10 +292,12 @@ def test_a_sweep_from_another_directory(tmp_path):
 def test_a_slurm_sweep_may_name_a_gpu_this_login_node_lacks(tmp_path):
     args = [str(tmp_path / "sweep"), "--datasets=mnist", "--variants=det_bc", "--seeds=1",
             "--dry_run"]
-    proc = run("sweep.py", *args, "--cluster=slurm", "--device=cuda")
+    proc = run("sweep.py", *args, "--cluster=slurm", "--device=cuda", env=without_slurm(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "--device=cuda\n" in proc.stdout and "1 to start" in proc.stdout
-    proc = run("sweep.py", *args, "--cluster=slurm", "--device=gpu")  # still spelled right
+    assert "note: the Slurm request is not checked against the cluster (no sinfo" in proc.stdout
+    proc = run("sweep.py", *args, "--cluster=slurm", "--device=gpu",  # still spelled right
+               env=without_slurm(tmp_path))
     assert proc.returncode == 2 and "device" in proc.stderr
     if not torch.cuda.is_available():  # on this machine it would not run
         proc = run("sweep.py", *args, "--device=cuda")

@@ -109,8 +109,10 @@ def test_layer_draw_counter_counts_training_samples_only():
 
 def _network(kind, stochastic):
     np.random.seed(3)
-    if kind == "mlp":
-        model = models.mlp(num_units=32, n_hidden_layers=2, n_inputs=64, stochastic=stochastic)
+    if kind.startswith("mlp"):
+        dropout = dict(dropout_in=0.2, dropout_hidden=0.5) if kind == "mlp_dropout" else {}
+        model = models.mlp(num_units=32, n_hidden_layers=2, n_inputs=64, stochastic=stochastic,
+                           **dropout)
         shape = (64,)
     else:
         model = models.cnn(widths=(4, 8, 8), fc_units=16, image_size=8, stochastic=stochastic)

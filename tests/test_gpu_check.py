@@ -27,7 +27,7 @@ def test_help_and_an_unknown_part(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything ran
     p = gpu_check(tmp_path, "--help")
     assert p.returncode == 0 and p.stdout.startswith("Every check of this project that needs")
-    assert "  bench  benchmark.py for the three nets" in p.stdout and "set -u" not in p.stdout
+    assert "  bench  (110 s) benchmark.py for MNIST" in p.stdout and "set -u" not in p.stdout
 
 
 @pytest.mark.slow  # about two minutes (the benchmark compiles)
@@ -44,10 +44,23 @@ def test_smoke_rehearsal_runs_every_part_on_the_cpu(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     out = tmp_path / "out"
     summary = (out / "summary.txt").read_text()
-    assert "tests: CUDA tests" in summary and "skipped" in summary  # no CUDA here
+    assert "PASS tests (" in summary and "skipped" in summary  # no CUDA here
+    assert "PASS bench (" in summary
     assert "SUMMARY net=mnist device=cpu" in summary and "fast_fp32_ms=" in summary
-    assert "mnist: mnist.py" in summary and "Best validation error rate" in summary
-    for precision in ("fp32", "bf16"):
+    assert "PASS mnist (" in summary and "mnist.py, 2 epochs" in summary
+    assert "2 of 2 epochs; best epoch" in summary
+    for precision in ("fp32", "tf32"):
+        assert f"PASS cifar-{precision} (" in summary and "1 of 1 epochs" in summary
         log = (out / f"cifar10_{precision}.txt").read_text()
         assert f"{precision}, on cpu" in log and "Best validation error rate" in log, log[-2000:]
-    assert "error" not in summary.lower().replace("error rate", "")
+    assert "FAIL" not in summary and summary.count("gpu_check: 0 check(s) failed") == 2
+
+
+def test_a_check_that_falls_short_fails(tmp_path):
+    """No data where the MNIST check looks: FAIL with what it found, and a failing exit."""
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    p = gpu_check(tmp_path, "--smoke", "mnist")
+    assert p.returncode == 1, p.stdout + p.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "FAIL mnist (" in summary and "no metrics.jsonl" in summary
+    assert "gpu_check: 1 check(s) failed" in summary

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import binary_connect
 import training
-from configurator import hyperparameters
+from configurator import ConfigError, hyperparameters, parse_value
 
 # What a full run of each script does: steps per epoch, epochs, images evaluated per epoch.
 NETS = dict(mnist=dict(steps_per_epoch=500, epochs=250, eval_images=20000),
@@ -121,11 +121,11 @@ class Variant:
     """One way of running the training step, on its own fresh copy of the network."""
 
     def __init__(self, name, net, device, data, steps, mode=None, precision="fp32",
-                 deterministic=True):
+                 deterministic=True, settings=()):
         self.name, self.device, self.steps, self.precision = name, device, steps, precision
         self.deterministic = deterministic
+        c = net_config(net, settings)
         script = importlib.import_module(net)
-        c = hyperparameters(vars(script))
         np.random.seed(c["seed"])
         self.model = script.build_model(c).to(device)
         self.batch_size = c["batch_size"]
@@ -183,10 +183,21 @@ class Variant:
         return (time.perf_counter() - start) / split.n
 
 
-def benchmark(net, device, steps, repeats, precisions, autotune=False):
+def net_config(net, settings=()):
+    """The script's hyperparameters with --set's KEY=VALUE pairs applied (typed as its own
+    command line types them); a key the script does not have is refused."""
+    c = hyperparameters(vars(importlib.import_module(net)))
+    for item in settings:
+        key, _, text = item.partition("=")
+        if key not in c:
+            raise ConfigError(f"--set {item}: {net}.py has no hyperparameter {key!r}")
+        c[key] = parse_value(key, text, c[key])
+    return c
+
+
+def benchmark(net, device, steps, repeats, precisions, autotune=False, settings=()):
     spec = NETS[net]
-    script = importlib.import_module(net)
-    c = hyperparameters(vars(script))
+    c = net_config(net, settings)
     shape = (1, 28, 28) if net == "mnist" else (3, 32, 32)
     g = torch.Generator().manual_seed(0)
     n = steps * c["batch_size"]
@@ -194,14 +205,16 @@ def benchmark(net, device, steps, repeats, precisions, autotune=False):
     t = 2 * F.one_hot(torch.randint(0, 10, (n,), generator=g), 10).float() - 1
     X_eval = torch.randn((2 * training.EVAL_ROWS,) + shape, generator=g)
     t_eval = 2 * F.one_hot(torch.randint(0, 10, (len(X_eval),), generator=g), 10).float() - 1
-    variants = [Variant("plain", net, device, (X.to(device), t.to(device)), steps),
-                Variant("eager", net, device, (X, t), steps, mode="eager")]
+    variants = [Variant("plain", net, device, (X.to(device), t.to(device)), steps,
+                        settings=settings),
+                Variant("eager", net, device, (X, t), steps, mode="eager", settings=settings)]
     fast = "graph" if device.type == "cuda" else "compiled"
     for p in precisions:
-        variants.append(Variant(f"fast_{p}", net, device, (X, t), steps, mode=fast, precision=p))
+        variants.append(Variant(f"fast_{p}", net, device, (X, t), steps, mode=fast, precision=p,
+                                settings=settings))
     if autotune and device.type == "cuda":  # what inductor's deterministic mode costs
         variants.append(Variant("fast_fp32_autotuned", net, device, (X, t), steps, mode=fast,
-                                deterministic=False))
+                                deterministic=False, settings=settings))
     for v in variants:
         start = time.perf_counter()
         v.warm_up()
@@ -241,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings per variant (best kept)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a hyperparameter of the nets' scripts, e.g. --set num_units=1024 "
+                             "(the paper's own MNIST width; repeatable)")
     parser.add_argument("--autotune", action="store_true",
                         help="on CUDA, also time the fp32 fast step with inductor's and cuDNN's "
                              "deterministic modes off")
@@ -260,7 +276,10 @@ def main(argv=None):
     if unknown := [p for p in precisions if p not in ("fp32", "tf32", "bf16")]:
         parser.error(f"--precisions: unknown {', '.join(unknown)}; choose among fp32, tf32, bf16")
     for net in nets:
-        benchmark(net, device, args.steps, args.repeats, precisions, args.autotune)
+        try:
+            benchmark(net, device, args.steps, args.repeats, precisions, args.autotune, args.set)
+        except ConfigError as e:
+            parser.error(str(e).removeprefix("error: "))
 
 
 if __name__ == "__main__":

@@ -388,6 +388,14 @@ def set_precision(precision, device, deterministic=True):
             inductor.deterministic = deterministic
 
 
+def full_device(device):
+    """torch.device("cuda") with its index: tensors made on it say cuda:N, and a device
+    without an index compares unequal to every one with an index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class TrainStep:
     """One training step (§5, §2): the minibatch order[i*B:(i+1)*B] gathered from the training
     set, Wb drawn, the forward pass, the loss, the straight-through backward and the optimizer's
@@ -416,7 +424,7 @@ class TrainStep:
         self.losses = torch.zeros(max(self.n_batches, 1), dtype=torch.float32, device=device)
         self.offsets = torch.arange(batch_size, device=device)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.device = device
+        self.device = full_device(device)
         self.graph = None
         self.steps = 0
         self._use(mode)

@@ -3,6 +3,7 @@ graph keeps the arithmetic it was captured in), not in the one set last."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,3 +32,13 @@ def test_each_fast_step_is_warmed_up_and_timed_in_its_own_precision(monkeypatch,
     for precision, matmul, cudnn in seen:
         assert matmul == cudnn == (precision == "tf32"), seen
     assert "SUMMARY net=mnist device=cpu" in capsys.readouterr().out
+
+
+def test_set_changes_a_scripts_hyperparameter_typed_as_its_command_line(capsys):
+    assert benchmark.net_config("mnist", ["num_units=64", "stochastic=False"])["num_units"] == 64
+    assert benchmark.net_config("mnist", ["stochastic=False"])["stochastic"] is False
+    for bad, said in [("nosuch=1", "--set nosuch=1: mnist.py has no hyperparameter 'nosuch'"),
+                      ("num_units=abc", "num_units takes an int (its default is 2048)")]:
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(["--nets=mnist", "--device=cpu", "--set", bad])
+        assert e.value.code == 2 and said in capsys.readouterr().err

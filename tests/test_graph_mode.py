@@ -2,8 +2,7 @@
 through the stand-in of tests/cuda_standin.py: what a reading found it would get wrong on a GPU
 (issue 14), the stand-in's own freezing, and the run-time guards (before the capture, after it,
 every epoch). What only a GPU can show is tests/test_cuda.py's."""
-import contextlib
-import io
+import functools
 import sys
 import types
 from pathlib import Path
@@ -47,6 +46,12 @@ def _epochs(step, optimizer, epochs):
             step()
         losses.append(step.losses.clone())
     return torch.cat(losses)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    """_run's 8 compiled steps (4 epochs), compiled once for the tests that compare with it."""
+    return _run("mlp", True, "compiled", steps=8)
 
 
 def _fresh(mode):
@@ -117,7 +122,7 @@ def test_graph_mode_after_a_resume_continues_as_the_compiled_step(standin, tmp_p
 def test_standin_freezes_a_host_tensor_the_step_reads(standin):
     """The learning rate left in host memory: a graph bakes the value it had at capture, so
     the epochs after it train with the first epoch's LR."""
-    compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
+    compiled_losses, compiled, _ = _compiled_reference()
     model, optimizer, step = _fresh("graph")
     standin.host.mark(optimizer.LR)
     losses = _epochs(step, optimizer, range(4))
@@ -156,9 +161,18 @@ def test_a_tensor_off_the_device_is_named():
     assert step._misplaced() == "optimizer state 'step' of 1.weight is on meta"
 
 
+def test_the_runs_device_is_compared_with_its_index(monkeypatch):
+    """A run on "cuda" makes its tensors on cuda:N; torch.device("cuda") != torch.device("cuda:0"),
+    so the placement check compares with the index filled in."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert training.full_device(torch.device("cuda")) == torch.device("cuda", 2)
+    assert training.full_device(torch.device("cuda:1")) == torch.device("cuda", 1)
+    assert training.full_device(CPU) == CPU
+
+
 @pytest.mark.slow  # compiles
 def test_no_capture_while_a_tensor_is_off_the_device(standin, monkeypatch, capsys):
-    compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
+    compiled_losses, compiled, _ = _compiled_reference()
     monkeypatch.setattr(training.TrainStep, "_misplaced",
                         lambda self: "optimizer state 'step' of 0.weight is on cpu")
     losses, state, mode = _run("mlp", True, "graph", steps=8)
@@ -175,7 +189,7 @@ def test_no_capture_while_a_tensor_is_off_the_device(standin, monkeypatch, capsy
 def test_a_first_replay_that_differs_drops_the_graph(standin, capsys):
     """A graph that does nothing (one captured on another device's stream): the check after
     the capture names what differs, and the run goes on with the compiled step's numbers."""
-    compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
+    compiled_losses, compiled, _ = _compiled_reference()
     standin.replay_does_nothing = True
     losses, state, mode = _run("mlp", True, "graph", steps=8)
     assert mode == "compiled" and standin.captures == 1 and standin.replays == 1

@@ -102,7 +102,7 @@ PYEOF
 
 if [ -n "$smoke" ]; then
     device=cpu
-    bench=(--nets=mnist --steps=2 --repeats=1 --device=cpu --precisions=fp32)
+    bench=(--nets=mnist --steps=2 --repeats=1 --device=cpu --precisions=fp32 --set num_units=256)
     bench2=()
     mnist=(--num_units=64 --num_epochs=2)
     mnist_epochs=2 mnist_band=()

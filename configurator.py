@@ -230,17 +230,23 @@ def _read_config_file(path):
 RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH", "compile")
 
 
-def _resume(config, explicit, origin):
+def _resume(config, explicit, origin, script):
     """--resume=RUN_DIR continues that run with ITS hyperparameters (hparams.json); an explicit
-    setting that contradicts them would silently change the experiment, so it is refused."""
+    setting that contradicts them would silently change the experiment, so it is refused, and so
+    is a run that another script made (its data and network are another experiment's)."""
     run_dir = Path(config["resume"])
     if not (run_dir / "last.pt").exists():
         raise ConfigError(f"--resume={run_dir}: no checkpoint {run_dir / 'last.pt'} to resume")
     path = run_dir / "hparams.json"
     try:
-        stored = json.loads(path.read_text())["hparams"]
+        record = json.loads(path.read_text())
+        stored = record["hparams"]
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--resume={config['resume']}: cannot read {path} ({e})") from None
+    made_by = record.get("script")
+    if made_by and made_by != script:
+        raise ConfigError(f"--resume={config['resume']}: that run was made by {made_by}.py; "
+                          f"continue it with: python {made_by}.py --resume={config['resume']}")
     conflicts = [f"{k}={explicit[k]!r} (the run has {stored[k]!r})" for k in explicit
                  if k in stored and k not in RESUME_MAY_CHANGE and explicit[k] != stored[k]]
     if conflicts:
@@ -314,8 +320,11 @@ def _configure(globals_dict, argv):
     _check_values(config, explicit, origin)
     explicit = {k: config[k] for k in explicit}
     if config.get("resume"):
-        _resume(config, explicit, origin)
+        _resume(config, explicit, origin, Path(script).stem)
     _check_values(config, config, origin)
+    if config.get("LR_fin", 0) > config.get("LR_start", float("inf")):
+        raise ConfigError(f"{origin['LR_fin']}: LR_fin must not be above LR_start "
+                          f"({config['LR_start']}): the learning rate would grow every epoch")
     return config
 
 

@@ -32,7 +32,7 @@ MODES = ("real", "sign", "ensemble")
 MODE_TITLES = {
     "real": "real-valued weights W",
     "sign": "sign of W (W >= 0 -> +H)",
-    "ensemble": "mean output of {samples} sampled binary networks (seed {seed})",
+    "ensemble": "mean output of {samples} sampled binary network{s} (seed {seed})",
 }
 # A last.pt also holds numpy RNG states; these let it load with weights_only=True (no code runs).
 NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
@@ -177,7 +177,7 @@ def parse_modes(text, hp):
 
 
 def mode_title(mode, hp, samples, seed):
-    title = MODE_TITLES[mode].format(samples=samples, seed=seed)
+    title = MODE_TITLES[mode].format(samples=samples, seed=seed, s="" if samples == 1 else "s")
     binary, stochastic = hp.get("binary", True), hp.get("stochastic", True)
     if mode == "real" and binary and stochastic:
         title += ": the paper's choice for stochastic BC"

@@ -169,10 +169,14 @@ def state_dict_bytes(model):
     return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
+def _check_name(path):
+    if Path(path).suffix != ".npz":
+        raise UserError(f"{path}: the output name must end in .npz")
+
+
 def save_npz(path, arrays):
     path = Path(path)
-    if path.suffix != ".npz":
-        raise UserError(f"{path}: the output name must end in .npz")
+    _check_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
@@ -184,6 +188,7 @@ def save_npz(path, arrays):
 def export(path, out, checkpoint="best", data_dir=None, script=None, log=print):
     """Export the run's checkpoint to `out`; returns (npz bytes, float32 state-dict bytes)."""
     from results import variant
+    _check_name(out)  # before the checkpoint is read: that can take a while
     model, hp, script, ckpt, ckpt_path = load_trained(path, checkpoint, script)
     if not hp.get("binary", True):
         raise UserError(f"{ckpt_path}: a binary=False network has no binary weights to export; "

@@ -826,12 +826,24 @@ def _stop(run, signum, where):
     raise SystemExit(128 + signum)
 
 
-def _check_finite(losses, epoch):
+def _not_finite(losses, epoch):
+    """The error for a NaN or infinite training loss, or None."""
     bad = np.nonzero(~np.isfinite(losses))[0]
     if len(bad):
-        raise SystemExit(f"error: the training loss became {float(losses[bad[0]])} at epoch "
-                         f"{epoch}, batch {int(bad[0]) + 1}; stopping. The last good "
-                         "checkpoint (end of the previous epoch) is kept.")
+        return (f"error: the training loss became {float(losses[bad[0]])} at epoch {epoch}, "
+                f"batch {int(bad[0]) + 1}; stopping.")
+    return None
+
+
+def _give_up(run, writer, error, option=""):
+    """Ends the run with `error` and what is left of it: once the previous epoch's checkpoint
+    is on disk, a resume command (with `option`); before the first one, nothing is kept."""
+    writer.wait()
+    if run.path("last.pt").exists():
+        raise SystemExit(f"{error} The last good checkpoint is kept: resume with: python "
+                         f"{run.script}.py --resume={run.out_dir}{option}")
+    raise SystemExit(f"{error} Nothing was kept: no epoch had ended."
+                     + (f" Run it again with{option}." if option else ""))
 
 
 def _miscounted(step, before, n, epoch):
@@ -842,12 +854,12 @@ def _miscounted(step, before, n, epoch):
         if a - b != n * per_step:
             return (f"error: in epoch {epoch}, {name} moved by {a - b:g} in {n} training steps "
                     f"instead of {n * per_step}: the training step ({MODES[step.mode]}) did not "
-                    "run as it should; stopping. ")
+                    "run as it should; stopping.")
     return None
 
 
-BIG_LOSS_NOTE = ("  (a validation loss this large is expected early in stochastic BC on small "
-                 "networks: the BN statistics were gathered with sampled +-H weights, the "
+BIG_LOSS_NOTE = ("  (a validation or test loss this large is expected early in stochastic BC on "
+                 "small networks: the BN statistics were gathered with sampled +-H weights, the "
                  "evaluation uses the real-valued ones; docs/original.md §3)")
 
 
@@ -912,7 +924,8 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
                     step()
                     if interrupt.signum is not None:
                         losses = step.losses[:i + 1].cpu().numpy()
-                        _check_finite(losses, epoch)
+                        if error := _not_finite(losses, epoch):
+                            _give_up(run, writer, error)
                         state.update(epoch=epoch - 1, batch=i + 1, losses=losses,
                                      elapsed=time.time() - start_time)
                         writer.wait()
@@ -920,15 +933,10 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
                         _stop(run, interrupt.signum, f"during epoch {epoch} (after batch "
                                                      f"{i + 1} of {n_batches})")
                 losses = step.losses[:n_batches].cpu().numpy()  # the epoch's one host sync
-                miscounted = _miscounted(step, counts, n_batches - state["batch"], epoch)
-                if miscounted:
-                    writer.wait()  # the previous epoch's checkpoint, if any, is on disk
-                    raise SystemExit(miscounted + (
-                        "The last good checkpoint is kept: resume with: python "
-                        f"{run.script}.py --resume={run.out_dir} --compile=false"
-                        if run.path("last.pt").exists() else
-                        "Run it again with --compile=false (the eager modules)."))
-                _check_finite(losses, epoch)
+                if error := _miscounted(step, counts, n_batches - state["batch"], epoch):
+                    _give_up(run, writer, error, " --compile=false")
+                if error := _not_finite(losses, epoch):
+                    _give_up(run, writer, error)
                 train_loss = float(mean32(losses))
                 monitor = epoch % monitor_step == 0 or epoch == num_epochs
                 improved = False
@@ -955,7 +963,7 @@ def train(model, optimizer, data, run, batch_size, LR_start, LR_decay, num_epoch
                                    seconds=seconds + state["unreported"])
                     state["unreported"] = 0.
                     print(report(epoch, num_epochs, seconds, metrics))
-                    if val_loss > 1000:
+                    if val_loss > 1000 or improved and state["test_loss"] > 1000:
                         print(BIG_LOSS_NOTE)
                     state["history"].append(metrics)
                 else:

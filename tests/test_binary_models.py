@@ -403,3 +403,9 @@ def test_bad_inputs_in_process(runs, tmp_path, capsys):
     assert str(missing) in fails(infer, npz, f"--data_dir={missing}")
     assert ".npz" in fails(export, runs["det"], tmp_path / "x.bin")
     assert "--modes=best" in fails(evaluate, runs["det"], "--modes=best")
+
+
+def test_export_checks_the_output_name_before_reading_the_run(tmp_path):
+    proc = run(ROOT / "export.py", tmp_path / "no_such_run", tmp_path / "model.txt", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path / 'model.txt'}: the output name must end in .npz\n"

@@ -387,10 +387,13 @@ def test_counter_streams_continue_on_any_device_and_say_so_when_switching_kind(c
 # The report's note on huge validation losses
 # ---------------------------------------------------------------------------------------------
 
-def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys):
+@pytest.mark.parametrize("huge", ["validation", "test"])
+def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys, huge):
     rng = np.random.RandomState(0)
     X = (rng.randn(40, 10) * 100).astype(np.float32)
     t = (2. * np.eye(10)[rng.randint(0, 10, 40)] - 1.).astype(np.float32)
+    small = (X / 1000, t)  # a loss near 1
+    data = ((X, t), (X, t), (X, t)) if huge == "validation" else ((X, t), small, (X, t))
 
     class Scaled(nn.Module):
         def __init__(self):
@@ -404,8 +407,7 @@ def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys):
         run = training.start_run("mnist", dict(seed=1, device="cpu", resume="",
                                                out_dir=str(tmp_path / "run")))
         model = Scaled()
-        training.train(model, bc.make_optimizer(model, 0.001), ((X, t),) * 3, run, 20, 0.001,
-                       1.0, 1)
+        training.train(model, bc.make_optimizer(model, 0.001), data, run, 20, 0.001, 1.0, 1)
     finally:
         if sys.stdout is not saved:
             sys.stdout.file.close()

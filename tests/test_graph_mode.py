@@ -227,7 +227,7 @@ def test_an_epoch_whose_steps_did_not_all_run_stops_the_run(new_run, monkeypatch
     assert str(e.value) == (
         "error: in epoch 1, the optimizer's step count of 1.weight moved by 2 in 4 training "
         "steps instead of 4: the training step (the eager modules) did not run as it should; "
-        "stopping. Run it again with --compile=false (the eager modules).")
+        "stopping. Nothing was kept: no epoch had ended. Run it again with --compile=false.")
 
 
 def test_a_frozen_draw_counter_stops_the_run(new_run, monkeypatch):

@@ -253,6 +253,33 @@ def test_resume_checks_the_stored_values(tmp_path, capsys):
                                        "alpha must be in (0, 1]\n")
 
 
+def test_resume_of_another_scripts_run_is_refused(tmp_path, capsys):
+    run_dir = stored_run(tmp_path)
+    record = json.loads((run_dir / "hparams.json").read_text())
+    (run_dir / "hparams.json").write_text(json.dumps(dict(record, script="cifar10")))
+    with pytest.raises(SystemExit) as excinfo:
+        mnist_config([f"--resume={run_dir}"])
+    assert excinfo.value.code == 2
+    assert capsys.readouterr().err == (f"error: --resume={run_dir}: that run was made by "
+                                       f"cifar10.py; continue it with: python cifar10.py "
+                                       f"--resume={run_dir}\n")
+
+
+def test_a_resume_may_change_compile(tmp_path):
+    """A run whose fast step failed a check continues with the eager modules."""
+    run_dir = stored_run(tmp_path, compile="true")
+    assert mnist_config([f"--resume={run_dir}", "--compile=false"])["compile"] == "false"
+
+
+def test_LR_fin_above_LR_start_is_refused(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        mnist_config(["--LR_fin=0.01"])
+    assert excinfo.value.code == 2
+    assert capsys.readouterr().err == ("error: --LR_fin=0.01: LR_fin must not be above LR_start "
+                                       "(0.001): the learning rate would grow every epoch\n")
+    assert mnist_config(["--LR_fin=0.001"])["LR_fin"] == 0.001  # a constant LR is fine
+
+
 def test_help_and_errors_stay_fast_without_torch():
     """torch is imported only to ask whether a named accelerator exists."""
     code = ("import sys, runpy, configurator as c\n"

@@ -296,3 +296,23 @@ def test_error_is_mean_of_batch_fractions_without_the_tail(new_run):
     # the training loss: the mean over batches of each batch's loss
     assert h["train_loss"] == pytest.approx(np.mean(np.maximum(0., 1. - ytr[0] * row[0]) ** 2),
                                             rel=1e-6)
+
+
+def test_a_nan_loss_in_epoch_1_says_nothing_was_kept(new_run, monkeypatch):
+    """Before the first checkpoint there is nothing to resume: the message says so (the run
+    directory is then removed) instead of promising a checkpoint."""
+    real_step = training.TrainStep._step
+
+    def step(self):
+        real_step(self)
+        if self.steps == 1:
+            self.losses[1] = float("nan")
+    monkeypatch.setattr(training.TrainStep, "_step", step)
+    run = new_run()
+    rng = np.random.RandomState(0)
+    data = [tiny_data(rng, n) for n in (40, 20, 20)]
+    model = tiny_mlp()
+    with pytest.raises(SystemExit) as e:
+        training.train(model, bc.make_optimizer(model, 0.01), data, run, 10, 0.01, 0.5, 2)
+    assert str(e.value) == ("error: the training loss became nan at epoch 1, batch 2; stopping. "
+                            "Nothing was kept: no epoch had ended.")

@@ -52,7 +52,9 @@ def main(argv=None):
     for i, (d, l) in enumerate(zip(np.array_split(data, 5), np.array_split(labels, 5)), 1):
         write_batch(out / f"data_batch_{i}", d, l, f"training batch {i} of 5")
     write_batch(out / "test_batch", *test, "testing batch 1 of 1")
-    print(f"{out}: {len(data)} training images in 5 batches, {len(test[0])} test images")
+    print(f"{out}: {len(data)} training images in 5 batches, {len(test[0])} test images; a "
+          "subset does not match the official checksums: train on it with "
+          f"--data_dir={args.dest} --verify_checksums=False")
 
 
 if __name__ == "__main__":

@@ -424,6 +424,7 @@ class TrainStep:
         self.losses = torch.zeros(max(self.n_batches, 1), dtype=torch.float32, device=device)
         self.offsets = torch.arange(batch_size, device=device)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.names = {id(p): n for n, p in model.named_parameters()}  # for the guards' messages
         self.device = full_device(device)
         self.graph = None
         self.steps = 0
@@ -450,8 +451,7 @@ class TrainStep:
     def counters(self):
         """(name, tensor, how much one training step moves it): each optimizer step count, and
         each binary layer's draw counter (a stochastic layer draws once per step)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        out = [(f"the optimizer's step count of {names.get(id(p), '?')}",
+        out = [(f"the optimizer's step count of {self.names.get(id(p), '?')}",
                 self.optimizer.state[p]["step"], 1) for p in self.params]
         return out + [(f"the draw counter of layer {n}", m.draws, int(m.binary and m.stochastic))
                       for n, m in self.model.named_modules() if isinstance(m, BinaryLayerMixin)]
@@ -523,9 +523,8 @@ class TrainStep:
         """(name, tensor) for every tensor the step writes, the most telling first: the losses,
         the batch counter, the optimizer's state (its step counts), the network's parameters
         and buffers (the draw counters among them)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
         named = [("the losses", self.losses), ("the batch counter", self.i)]
-        named += [(f"optimizer state {k!r} of {names.get(id(p), '?')}", v)
+        named += [(f"optimizer state {k!r} of {self.names.get(id(p), '?')}", v)
                   for p in self.params for k, v in self.optimizer.state[p].items()
                   if torch.is_tensor(v)]
         named += [(f"parameter {n}", t) for n, t in self.model.named_parameters()]

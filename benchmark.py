@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import binary_connect
+import fast_step
 import training
 from configurator import ConfigError, hyperparameters, parse_value
 
@@ -138,9 +139,9 @@ class Variant:
             return
         with contextlib.redirect_stdout(io.StringIO()):  # the layers' W_LR_scale / H lines
             optimizer = binary_connect.make_optimizer(self.model, c["LR_start"])
-        split = training.Split(X.cpu().numpy(), t.cpu().numpy(), device)
-        training.set_stream_kind(self.model, "generator" if mode == "eager" else "counter")
-        self.step = training.TrainStep(self.model, optimizer, split, self.batch_size,
+        split = fast_step.Split(X.cpu().numpy(), t.cpu().numpy(), device)
+        fast_step.set_stream_kind(self.model, "generator" if mode == "eager" else "counter")
+        self.step = fast_step.TrainStep(self.model, optimizer, split, self.batch_size,
                                        mode=mode, precision=precision)
         self.model.train()
         order = np.arange(split.n)
@@ -155,14 +156,14 @@ class Variant:
     def warm_up(self):
         """Two runs: compiling and, on CUDA, capturing happen here, in the variant's own
         arithmetic (what is captured keeps the precision it was captured in)."""
-        training.set_precision(self.precision, self.device, self.deterministic)
+        fast_step.set_precision(self.precision, self.device, self.deterministic)
         self.run()
         self.run()
         _sync(self.device)
 
     def time(self):
         """Seconds per step over `steps` steps (one sync at the end, as the training loop)."""
-        training.set_precision(self.precision, self.device, self.deterministic)
+        fast_step.set_precision(self.precision, self.device, self.deterministic)
         _sync(self.device)
         start = time.perf_counter()
         self.run()
@@ -172,9 +173,9 @@ class Variant:
     def eval_seconds_per_image(self, X, t):
         if not hasattr(self, "step"):
             return None
-        split = training.Split(X.cpu().numpy(), t.cpu().numpy(), self.device)
-        training.set_precision(self.precision, self.device, self.deterministic)
-        with training.autocast(self.precision, self.device):
+        split = fast_step.Split(X.cpu().numpy(), t.cpu().numpy(), self.device)
+        fast_step.set_precision(self.precision, self.device, self.deterministic)
+        with fast_step.autocast(self.precision, self.device):
             training.evaluate(self.model, split, self.batch_size, forward=self.step.forward)
             _sync(self.device)
             start = time.perf_counter()
@@ -269,7 +270,7 @@ def main(argv=None):
         parser.error(f"--nets: unknown {', '.join(unknown)}; choose among {', '.join(NETS)}")
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
-    device = training.select_device(args.device)
+    device = fast_step.select_device(args.device)
     if args.precisions == "auto":
         args.precisions = "fp32,tf32,bf16" if device.type == "cuda" else "fp32"
     precisions = args.precisions.split(",")

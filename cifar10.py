@@ -24,6 +24,12 @@ LR_fin = 0.000002
 
 train_set_size = 45000  # the last 5000 training images are the validation set
 
+# Options for the paper's own MNIST protocol (§9); the defaults are the lasagne branch's
+optimizer = "adam"  # "adam": Lasagne's Adam (§2.2); "sgd": plain SGD, no momentum (§9)
+loss_reduction = "mean"  # "mean": over the batch and the 10 outputs (§4.1); "sum_classes" (§9)
+monitor_step = 1  # epochs between evaluations (and reshuffles)
+bn_stats = "ema"  # "ema": running averages with alpha (§3); "recompute": §9's averages
+
 # This project's additions
 data_dir = "data/cifar10"  # cifar-10-python.tar.gz or cifar-10-batches-py/; downloaded if missing
 verify_checksums = True  # False accepts subsets and mirrors of the official files
@@ -53,12 +59,13 @@ if __name__ == "__main__":
     from configurator import configure
     config = configure(globals())
 
-    import training
-    with training.start_run("cifar10", config) as run:
+    from rundir import start_run
+    from training import train
+    with start_run("cifar10", config) as run:
         print('Loading CIFAR-10 dataset...')
         data = load_data(config)
 
         print('Building the CNN...')
         model = build_model(config)
 
-        training.fit(model, data, run)
+        train(model, data, run)

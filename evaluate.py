@@ -214,7 +214,7 @@ def format_block(title, m):
 
 
 def _device(name):
-    from training import select_device
+    from fast_step import select_device
     try:
         return select_device(name)
     except SystemExit as e:  # its message names the device and what is accepted
@@ -267,14 +267,14 @@ def main(argv=None):
         except DatasetError as e:
             raise UserError(f"{e} (the data paths come from the run's hparams; "
                             "--data_dir= or --SVHN_LOCAL_PATH= points elsewhere)") from None
-        import training
+        import fast_step
         batch_size = hp["batch_size"]
         for name, X in (("validation", X_val), ("test", X_test)):
             if len(X) < batch_size:
                 raise UserError(f"the {name} set has {len(X)} examples, fewer than the run's "
                                 f"batch_size={batch_size}: no full batch to evaluate")
-        val_set = training.Split(X_val, 2 * np.asarray(y_val, np.float32) - 1, device)
-        test_set = training.Split(X_test, 2 * np.asarray(y_test, np.float32) - 1, device)
+        val_set = fast_step.Split(X_val, 2 * np.asarray(y_val, np.float32) - 1, device)
+        test_set = fast_step.Split(X_test, 2 * np.asarray(y_test, np.float32) - 1, device)
         model.to(device)
         from results import variant
         print(f"{ckpt_path}: {script}, {variant(hp)}, epoch {ckpt.get('epoch', '?')}; "

@@ -71,12 +71,13 @@ if __name__ == "__main__":
     from configurator import configure
     config = configure(globals())
 
-    import training
-    with training.start_run("mnist", config) as run:
+    from rundir import start_run
+    from training import train
+    with start_run("mnist", config) as run:
         print('Loading MNIST dataset...')
         data = load_data(config)
 
         print('Building the MLP...')
         model = build_model(config)
 
-        training.fit(model, data, run)
+        train(model, data, run)

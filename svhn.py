@@ -23,6 +23,12 @@ W_LR_scale = "Glorot"  # "Glorot": the inverse Glorot coefficient of each layer 
 LR_start = 0.01
 LR_fin = 0.000003
 
+# Options for the paper's own MNIST protocol (§9); the defaults are the lasagne branch's
+optimizer = "adam"  # "adam": Lasagne's Adam (§2.2); "sgd": plain SGD, no momentum (§9)
+loss_reduction = "mean"  # "mean": over the batch and the 10 outputs (§4.1); "sum_classes" (§9)
+monitor_step = 1  # epochs between evaluations (and reshuffles)
+bn_stats = "ema"  # "ema": running averages with alpha (§3); "recompute": §9's averages
+
 # This project's additions
 SVHN_LOCAL_PATH = os.environ.get("SVHN_LOCAL_PATH", "data/svhn/preprocessed")  # svhn_preprocessing.py's output
 seed = 1234
@@ -51,12 +57,13 @@ if __name__ == "__main__":
     from configurator import configure
     config = configure(globals())
 
-    import training
-    with training.start_run("svhn", config) as run:
+    from rundir import start_run
+    from training import train
+    with start_run("svhn", config) as run:
         print('Loading SVHN dataset')
         data = load_data(config)
 
         print('Building the CNN...')
         model = build_model(config)
 
-        training.fit(model, data, run)
+        train(model, data, run)

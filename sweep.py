@@ -197,7 +197,8 @@ class Lane(submitit.helpers.Checkpointable):
                 return 0
             argv = run.argv(resume=status == "resume")
             print("+ " + shown(argv), flush=True)
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            # The script finds the lock it inherits by this fd (rundir.lock).
+            env = dict(os.environ, PYTHONUNBUFFERED="1", BINARYCONNECT_LOCK_FD=str(lock.fileno()))
             if self.threads:
                 env["OMP_NUM_THREADS"] = str(self.threads)
             # The child inherits the lock, which so lasts as long as either process does.

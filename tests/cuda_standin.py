@@ -1,4 +1,4 @@
-"""A CPU stand-in for torch.cuda's streams and CUDA graphs, to run training.TrainStep's "graph"
+"""A CPU stand-in for torch.cuda's streams and CUDA graphs, to run fast_step.TrainStep's "graph"
 mode (warm-up, one capture, replays across epochs) without a GPU, and to fail where a real graph
 would fail.
 
@@ -26,6 +26,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import training
+
+import fast_step
 
 
 class HostMemory:
@@ -115,7 +117,7 @@ class StandIn:
         self.current_device = None
         self.rng_state = torch.zeros(16, dtype=torch.uint8)
         self._pending = None
-        real_step = training.TrainStep._step
+        real_step = fast_step.TrainStep._step
         standin = self
 
         class Graph:
@@ -177,7 +179,7 @@ class StandIn:
             standin.rng_restored.append(state)
             standin.rng_state = state.clone()
 
-        monkeypatch.setattr(training.TrainStep, "_step", step)
+        monkeypatch.setattr(fast_step.TrainStep, "_step", step)
         for name, value in dict(
                 CUDAGraph=Graph, graph=capture, Stream=Stream, device=on_device,
                 stream=lambda s: contextlib.nullcontext(),

@@ -139,3 +139,18 @@ def write_fake_svhn_mat(dir, n_train=100, n_test=30, n_extra=60, seed=0):
         scipy.io.savemat(dir / f"{which}_32x32.mat", {"X": X, "y": y.reshape(-1, 1)})
         out[which] = (X, y)
     return out
+
+
+def script_config(script="mnist", **overrides):
+    """A script's own hyperparameters (its globals, read as configure reads them), with
+    `overrides`: the one shape of the configuration that start_run and training.train take."""
+    import runpy
+
+    import configurator
+    root = Path(__file__).resolve().parents[1]
+    config = configurator.hyperparameters(runpy.run_path(str(root / f"{script}.py"),
+                                                         run_name=script))
+    unknown = sorted(set(overrides) - set(config))
+    assert not unknown, f"{script}.py has no hyperparameters {unknown}"
+    config.update(overrides)
+    return config

@@ -8,9 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batch_norm import BatchNormLayer  # noqa: E402
+from batch_norm import BatchNormLayer
 
 
 def axes_and_shape(x):

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import benchmark  # noqa: E402
-import training  # noqa: E402
+import benchmark
+import fast_step
+import training
 
 
 def test_each_fast_step_is_warmed_up_and_timed_in_its_own_precision(monkeypatch, capsys):
@@ -19,13 +19,13 @@ def test_each_fast_step_is_warmed_up_and_timed_in_its_own_precision(monkeypatch,
         seen.append((self.precision, torch.backends.cuda.matmul.allow_tf32,
                      torch.backends.cudnn.allow_tf32))
         self.steps += 1
-    monkeypatch.setattr(training.TrainStep, "__call__", call)
+    monkeypatch.setattr(fast_step.TrainStep, "__call__", call)
     monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: (0., 0.))
     try:
         benchmark.benchmark("mnist", torch.device("cpu"), steps=1, repeats=1,
                             precisions=["tf32", "fp32", "bf16"])
     finally:
-        training.set_precision("fp32", torch.device("cpu"))
+        fast_step.set_precision("fp32", torch.device("cpu"))
     assert {p for p, _, _ in seen} == {"fp32", "tf32", "bf16"}
     # warm-up (2 runs) and timing (1) of each, the eager variant among the fp32 ones
     assert len(seen) == 3 * 4

@@ -12,11 +12,10 @@ import torch
 import torch.nn as nn
 from numpy.lib.stride_tricks import sliding_window_view
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import binary_connect as bc  # noqa: E402
-import models  # noqa: E402
-from batch_norm import BatchNormLayer  # noqa: E402
+import binary_connect as bc
+import models
+from batch_norm import BatchNormLayer
 
 
 def np_hard_sigmoid(x):
@@ -489,7 +488,7 @@ def _run_two_steps(order, dtype, sync_bias=False, mode=None):
     BN has a zero gradient up to rounding, so Adam's step on float32 noise is arbitrary; numpy
     then takes torch's bias after each step (it shifts only the BN running mean).
     mode: None calls the model and the optimizer directly; "eager" or "compiled" runs the steps
-    through training.TrainStep, the training loop's step."""
+    through fast_step.TrainStep, the training loop's step."""
     rng = np.random.RandomState(11)
     N, n_in, n_out, eps, alpha, LR = 8, 5, 3, 1e-4, 0.15, LR_NET
     torch_layers, np_layers = [], []
@@ -533,10 +532,11 @@ def _run_two_steps(order, dtype, sync_bias=False, mode=None):
         batches.append((x, 2. * np.eye(n_out)[labels] - 1.))
     if mode is not None:
         import training
-        split = training.Split(np.concatenate([x for x, _ in batches]).astype(npdt),
+        import fast_step
+        split = fast_step.Split(np.concatenate([x for x, _ in batches]).astype(npdt),
                                np.concatenate([t for _, t in batches]), torch.device("cpu"))
         split.y = split.y.to(dtype)
-        train_step = training.TrainStep(model, opt, split, N, mode=mode)
+        train_step = fast_step.TrainStep(model, opt, split, N, mode=mode)
         train_step.start_epoch(np.arange(2 * N))
     for step, (x, t) in enumerate(batches):
         if mode is None:
@@ -603,7 +603,7 @@ def test_two_updates_of_bn_dense_net_match_numpy_spec(dtype):
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("order", [["dense", "bn"], ["bn", "dense"]])
 def test_two_updates_through_the_training_step_match_numpy_spec(mode, order):
-    # The same check through training.TrainStep: the loop's step, eager and compiled.
+    # The same check through fast_step.TrainStep: the loop's step, eager and compiled.
     dense_first = order[0] == "dense"
     torch_layers, np_layers, clipped = _run_two_steps(order, torch.float32,
                                                       sync_bias=dense_first, mode=mode)

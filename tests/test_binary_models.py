@@ -15,14 +15,15 @@ from fake_data import write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
-sys.path.insert(0, str(ROOT))
 
-import evaluate  # noqa: E402
-import export  # noqa: E402
-import infer  # noqa: E402
-import training  # noqa: E402
-from binary_connect import binary_layers  # noqa: E402
-from configurator import hyperparameters  # noqa: E402
+import evaluate
+import export
+import infer
+import fast_step
+import rundir
+import training
+from binary_connect import binary_layers
+from configurator import hyperparameters
 
 
 def run(*args, check=True):
@@ -207,7 +208,7 @@ def fake_run(run_dir, script, hp):
     run_dir.mkdir(parents=True)
     np.random.seed(0)
     model = mod.build_model(hp)
-    torch.save(dict(version=training.CHECKPOINT_VERSION, model=model.state_dict(), epoch=1,
+    torch.save(dict(version=rundir.CHECKPOINT_VERSION, model=model.state_dict(), epoch=1,
                     hparams=hp), run_dir / "best.pt")
     (run_dir / "hparams.json").write_text(json.dumps(dict(script=script, hparams=hp)))
     return run_dir
@@ -322,7 +323,7 @@ def test_ensemble_of_one_is_one_sampled_network(runs):
     model, hp, *_ = evaluate.load_trained(runs["stoch"])
     import mnist
     _, (X, y), _ = mnist.load_data(hp)
-    split = training.Split(X, 2 * y - 1, torch.device("cpu"))
+    split = fast_step.Split(X, 2 * y - 1, torch.device("cpu"))
     forward = evaluate.ensemble(model, 1, torch.Generator().manual_seed(7))
     err, loss = training.evaluate(model, split, 50, forward=forward)
     net = evaluate.binarized_copy(model, "sample", torch.Generator().manual_seed(7))

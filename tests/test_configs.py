@@ -12,10 +12,9 @@ import pytest
 from fake_data import write_fake_cifar10, write_fake_mnist, write_fake_svhn_mat
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import configurator  # noqa: E402
-import results  # noqa: E402
+import configurator
+import results
 
 CONFIGS = sorted((ROOT / "config").glob("*.py"))
 

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import configurator  # noqa: E402
+import configurator
 
 
 def script_globals():

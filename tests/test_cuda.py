@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import binary_connect as bc  # noqa: E402
-from fake_data import write_fake_mnist  # noqa: E402
-from test_fast_step import _run  # noqa: E402
+import binary_connect as bc
+from fake_data import write_fake_mnist
+from test_fast_step import _run
+import fast_step
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -35,13 +35,13 @@ def _mnist(tmp_path, out, *extra, hook=None):
         "at = int(os.environ.get('KILL_AT') or 0)\n"
         "if at:\n"
         "    import training\n"
-        "    call = training.TrainStep.__call__\n"
+        "    call = fast_step.TrainStep.__call__\n"
         "    def counted(self, n=[0]):\n"
         "        n[0] += 1\n"
         "        if n[0] == at:\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "        return call(self)\n"
-        "    training.TrainStep.__call__ = counted\n"
+        "    fast_step.TrainStep.__call__ = counted\n"
         "sys.argv = sys.argv[2:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     return subprocess.run([sys.executable, str(runner), str(REPO), str(REPO / "mnist.py"), *args],

@@ -1,4 +1,4 @@
-"""The fast training step (training.TrainStep compiled, issue 7) against the eager modules, the
+"""The fast training step (fast_step.TrainStep compiled, issue 7) against the eager modules, the
 counter streams the compiled step samples from, evaluation's float32 sums, the resume rules for
 random streams, and what the loop says about itself. The numpy checks of docs/original.md of a whole step
 through TrainStep are in test_binary_connect.py (test_two_updates_through_the_training_step_*).
@@ -13,12 +13,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import binary_connect as bc  # noqa: E402
-import models  # noqa: E402
-import training  # noqa: E402
-from cuda_standin import StandIn  # noqa: E402
+import binary_connect as bc
+import models
+import fast_step
+import rundir
+import training
+from fake_data import script_config
+from cuda_standin import StandIn
 
 CPU = torch.device("cpu")
 
@@ -136,9 +138,9 @@ def _run(kind, stochastic, mode, steps=2, device=CPU, precision="fp32", after_ep
     n, batch = 40, 20
     X = rng.randn(n, *shape).astype(np.float32)
     t = (2. * np.eye(10)[rng.randint(0, 10, n)] - 1.).astype(np.float32)
-    training.set_stream_kind(model, "counter")  # both paths draw the same numbers
-    training.set_precision(precision, device)
-    step = training.TrainStep(model, optimizer, training.Split(X, t, device), batch, mode=mode,
+    fast_step.set_stream_kind(model, "counter")  # both paths draw the same numbers
+    fast_step.set_precision(precision, device)
+    step = fast_step.TrainStep(model, optimizer, fast_step.Split(X, t, device), batch, mode=mode,
                               precision=precision)
     model.train()
     losses = []
@@ -254,7 +256,7 @@ def test_graph_mode_schedule_gives_the_compiled_step(fake_cuda_graphs, capsys):
     graph_losses, graph, mode = _run("mlp", True, "graph", steps=8)
     assert mode == "graph"
     assert fake_cuda_graphs.captures == 1
-    assert fake_cuda_graphs.replays == 8 - training.WARMUP_STEPS  # the first one checked
+    assert fake_cuda_graphs.replays == 8 - fast_step.WARMUP_STEPS  # the first one checked
     assert torch.equal(graph_losses, compiled_losses)
     for k in compiled:
         assert torch.equal(graph[k], compiled[k]), k
@@ -275,13 +277,13 @@ def test_step_mode_for_compile_settings():
     small = models.mlp(num_units=8, n_hidden_layers=1)
     big = models.mlp(num_units=2048, n_hidden_layers=1)  # 784*2048 + 2048*10 > 1e6 weights
     cuda = torch.device("cuda")
-    assert training.step_mode("false", CPU, big, True) == "eager"
-    assert training.step_mode("auto", CPU, small, True) == "eager"
-    assert training.step_mode("auto", CPU, big, True) == "compiled"
-    assert training.step_mode("true", CPU, small, True) == "compiled"
-    assert training.step_mode("auto", cuda, small, True) == "graph"
-    assert training.step_mode("auto", cuda, small, False) == "compiled"  # memory-mapped data
-    assert training.step_mode("auto", torch.device("mps"), big, True) == "eager"
+    assert fast_step.step_mode("false", CPU, big, True) == "eager"
+    assert fast_step.step_mode("auto", CPU, small, True) == "eager"
+    assert fast_step.step_mode("auto", CPU, big, True) == "compiled"
+    assert fast_step.step_mode("true", CPU, small, True) == "compiled"
+    assert fast_step.step_mode("auto", cuda, small, True) == "graph"
+    assert fast_step.step_mode("auto", cuda, small, False) == "compiled"  # memory-mapped data
+    assert fast_step.step_mode("auto", torch.device("mps"), big, True) == "eager"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +296,7 @@ def test_bf16_products_keep_float32_statistics_weights_and_moments():
     rng = np.random.RandomState(5)
     X = rng.randn(40, *shape).astype(np.float32)
     t = (2. * np.eye(10)[rng.randint(0, 10, 40)] - 1.).astype(np.float32)
-    step = training.TrainStep(model, optimizer, training.Split(X, t, CPU), 20, precision="bf16")
+    step = fast_step.TrainStep(model, optimizer, fast_step.Split(X, t, CPU), 20, precision="bf16")
     seen = []
     model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     model[1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -327,7 +329,7 @@ def test_evaluation_sums_in_float32_in_batch_order():
     labels = np.tile(np.arange(10), n_batches)
     labels[::batch] = (labels[::batch] + 1) % 10  # the first row of each batch is wrong
     t = (2. * np.eye(10)[labels] - 1.).astype(np.float32)
-    err, loss = training.evaluate(Passthrough(), training.Split(X, t, CPU), batch)
+    err, loss = training.evaluate(Passthrough(), fast_step.Split(X, t, CPU), batch)
     acc = np.float32(0)
     for _ in range(n_batches):
         acc = np.float32(acc + np.float32(0.1))
@@ -338,7 +340,7 @@ def test_evaluation_sums_in_float32_in_batch_order():
     saved = training.EVAL_ROWS
     try:
         training.EVAL_ROWS = batch
-        assert training.evaluate(Passthrough(), training.Split(X, t, CPU), batch) == (err, loss)
+        assert training.evaluate(Passthrough(), fast_step.Split(X, t, CPU), batch) == (err, loss)
     finally:
         training.EVAL_ROWS = saved
 
@@ -353,9 +355,9 @@ def test_generator_streams_from_another_device_continue_with_a_new_stream(capsys
     layers = bc.binary_layers(model)
     for m in layers:
         m.draws.fill_(5)
-    states = training._rng_states(model, CPU)
+    states = rundir.rng_states(model, CPU)
     states["device"] = "cuda"  # as if saved by a CUDA run
-    training._set_rng_states(model, states, CPU)
+    rundir.set_rng_states(model, states, CPU)
     out = capsys.readouterr().out
     assert "cannot continue" in out and "new stream" in out
     for m in layers:
@@ -363,9 +365,9 @@ def test_generator_streams_from_another_device_continue_with_a_new_stream(capsys
             int(np.random.SeedSequence([m.seed, 5]).generate_state(1)[0]))
         assert torch.equal(m.generator.get_state(), expected.get_state())
     # a state of the same kind and device is simply restored, silently
-    states = training._rng_states(model, CPU)
+    states = rundir.rng_states(model, CPU)
     before = torch.rand(3, generator=layers[0].generator)
-    training._set_rng_states(model, states, CPU)
+    rundir.set_rng_states(model, states, CPU)
     assert capsys.readouterr().out == ""
     assert torch.equal(torch.rand(3, generator=layers[0].generator), before)
 
@@ -373,13 +375,13 @@ def test_generator_streams_from_another_device_continue_with_a_new_stream(capsys
 def test_counter_streams_continue_on_any_device_and_say_so_when_switching_kind(capsys):
     np.random.seed(0)
     model = models.mlp(num_units=8, n_hidden_layers=1, n_inputs=6)
-    states = training._rng_states(model, CPU)  # generator streams
-    training.set_stream_kind(model, "counter")
-    training._set_rng_states(model, states, CPU)
+    states = rundir.rng_states(model, CPU)  # generator streams
+    fast_step.set_stream_kind(model, "counter")
+    rundir.set_rng_states(model, states, CPU)
     assert "counter streams" in capsys.readouterr().out
-    states = training._rng_states(model, CPU)
+    states = rundir.rng_states(model, CPU)
     states["device"] = "cuda"
-    training._set_rng_states(model, states, CPU)  # counter to counter: nothing to say
+    rundir.set_rng_states(model, states, CPU)  # counter to counter: nothing to say
     assert capsys.readouterr().out == ""
 
 
@@ -404,10 +406,11 @@ def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys, huge)
             return x + 0. * self.p
     saved = sys.stdout
     try:
-        run = training.start_run("mnist", dict(seed=1, device="cpu", resume="",
-                                               out_dir=str(tmp_path / "run")))
+        run = rundir.start_run("mnist", script_config(
+            seed=1, device="cpu", resume="", out_dir=str(tmp_path / "run"), batch_size=20,
+            LR_start=0.001, LR_fin=0.001, num_epochs=1))
         model = Scaled()
-        training.train(model, bc.make_optimizer(model, 0.001), data, run, 20, 0.001, 1.0, 1)
+        training.train(model, [(X, (t + 1) / 2) for X, t in data], run)
     finally:
         if sys.stdout is not saved:
             sys.stdout.file.close()

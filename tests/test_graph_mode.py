@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import binary_connect as bc  # noqa: E402
-import models  # noqa: E402
-import training  # noqa: E402
-from cuda_standin import StandIn, emulated_resume  # noqa: E402
-from test_fast_step import _network, _run, _state, quiet  # noqa: E402
-from test_training_loop import new_run, tiny_data, tiny_mlp  # noqa: E402, F401
+import binary_connect as bc
+import models
+import fast_step
+import rundir
+import training
+from cuda_standin import StandIn, emulated_resume
+from test_fast_step import _network, _run, _state, quiet
+from test_training_loop import new_run, one_hot, tiny_data, tiny_mlp  # noqa: F401 (a fixture)
 
 CPU = torch.device("cpu")
 N, BATCH = 40, 20  # two steps an epoch
@@ -33,7 +34,7 @@ def _data():
     rng = np.random.RandomState(5)
     X = rng.randn(N, 64).astype(np.float32)
     t = (2. * np.eye(10)[rng.randint(0, 10, N)] - 1.).astype(np.float32)
-    return training.Split(X, t, CPU)
+    return fast_step.Split(X, t, CPU)
 
 
 def _epochs(step, optimizer, epochs):
@@ -57,9 +58,9 @@ def _compiled_reference():
 def _fresh(mode):
     model, _ = _network("mlp", True)
     optimizer = quiet(bc.make_optimizer, model, 0.01)
-    training.set_stream_kind(model, "counter")
+    fast_step.set_stream_kind(model, "counter")
     model.train()
-    return model, optimizer, training.TrainStep(model, optimizer, _data(), BATCH, mode=mode)
+    return model, optimizer, fast_step.TrainStep(model, optimizer, _data(), BATCH, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,12 +100,12 @@ def test_graph_mode_after_a_resume_continues_as_the_compiled_step(standin, tmp_p
                                 script="mnist", out_dir=tmp_path)
     state = dict(epoch=2, batch=0, LR=0.0025, best_val_err=100., best_epoch=1, test_err=None,
                  test_loss=None, history=[], losses=None, order=np.arange(N))
-    training._save_checkpoint(run, model, optimizer, state)
+    rundir.save_checkpoint(run, model, optimizer, state)
 
     model, optimizer, _ = _fresh("compiled")
     with emulated_resume(standin.host):
-        quiet(training._load_checkpoint, run, model, optimizer, N)
-    step = training.TrainStep(model, optimizer, _data(), BATCH, mode="graph")
+        quiet(rundir.load_checkpoint, run, model, optimizer, N)
+    step = fast_step.TrainStep(model, optimizer, _data(), BATCH, mode="graph")
     losses = _epochs(step, optimizer, range(2, 6))
     assert "warning" not in capsys.readouterr().out
     assert step.mode == "graph" and standin.captures == 1
@@ -165,15 +166,15 @@ def test_the_runs_device_is_compared_with_its_index(monkeypatch):
     """A run on "cuda" makes its tensors on cuda:N; torch.device("cuda") != torch.device("cuda:0"),
     so the placement check compares with the index filled in."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
-    assert training.full_device(torch.device("cuda")) == torch.device("cuda", 2)
-    assert training.full_device(torch.device("cuda:1")) == torch.device("cuda", 1)
-    assert training.full_device(CPU) == CPU
+    assert fast_step.full_device(torch.device("cuda")) == torch.device("cuda", 2)
+    assert fast_step.full_device(torch.device("cuda:1")) == torch.device("cuda", 1)
+    assert fast_step.full_device(CPU) == CPU
 
 
 @pytest.mark.slow  # compiles
 def test_no_capture_while_a_tensor_is_off_the_device(standin, monkeypatch, capsys):
     compiled_losses, compiled, _ = _compiled_reference()
-    monkeypatch.setattr(training.TrainStep, "_misplaced",
+    monkeypatch.setattr(fast_step.TrainStep, "_misplaced",
                         lambda self: "optimizer state 'step' of 0.weight is on cpu")
     losses, state, mode = _run("mlp", True, "graph", steps=8)
     assert mode == "compiled" and standin.captures == 0
@@ -202,26 +203,28 @@ def test_a_first_replay_that_differs_drops_the_graph(standin, capsys):
         assert torch.equal(state[k], compiled[k]), k
 
 
-def _train_tiny(run, epochs=2):
+def _tiny_run(new_run, epochs=2):
+    return new_run(batch_size=10, LR_start=0.01, LR_fin=0.01 * 0.5 ** epochs, num_epochs=epochs)
+
+
+def _train_tiny(run):
     rng = np.random.RandomState(0)
-    data = [tiny_data(rng, n) for n in (40, 20, 20)]
-    model = tiny_mlp()
-    optimizer = quiet(bc.make_optimizer, model, 0.01)
-    return training.train(model, optimizer, data, run, 10, 0.01, 0.5, epochs)
+    data = [(X, one_hot(t)) for X, t in (tiny_data(rng, n) for n in (40, 20, 20))]
+    return training.train(tiny_mlp(), data, run)
 
 
 def test_an_epoch_whose_steps_did_not_all_run_stops_the_run(new_run, monkeypatch):
     """Adam's step count must move by the number of batches: a step that silently does nothing
     (after the first two) stops the run at the end of the epoch."""
-    real_call = training.TrainStep.__call__
+    real_call = fast_step.TrainStep.__call__
 
     def call(self):
         if self.steps >= 2:
             self.steps += 1
             return
         real_call(self)
-    monkeypatch.setattr(training.TrainStep, "__call__", call)
-    run = new_run()
+    monkeypatch.setattr(fast_step.TrainStep, "__call__", call)
+    run = _tiny_run(new_run)
     with pytest.raises(SystemExit) as e:
         _train_tiny(run)
     assert str(e.value) == (
@@ -233,16 +236,16 @@ def test_an_epoch_whose_steps_did_not_all_run_stops_the_run(new_run, monkeypatch
 def test_a_frozen_draw_counter_stops_the_run(new_run, monkeypatch):
     """Each stochastic layer draws once a step; a counter that does not move (a graph that
     baked it in) would repeat the same weights: stop, naming the layer and the resume."""
-    real_step = training.TrainStep._step
+    real_step = fast_step.TrainStep._step
 
     def step(self):
         real_step(self)
         if self.steps >= 4:  # epoch 2 of 4 steps an epoch
             self.model[4].draws.sub_(1)
-    monkeypatch.setattr(training.TrainStep, "_step", step)
-    run = new_run()
+    monkeypatch.setattr(fast_step.TrainStep, "_step", step)
+    run = _tiny_run(new_run, epochs=3)
     with pytest.raises(SystemExit) as e:
-        _train_tiny(run, epochs=3)
+        _train_tiny(run)
     message = str(e.value)
     assert message.startswith("error: in epoch 2, the draw counter of layer 4 moved by 0 in 4 "
                               "training steps instead of 4: the training step")
@@ -258,7 +261,7 @@ def test_a_frozen_draw_counter_stops_the_run(new_run, monkeypatch):
 def test_capture_happens_under_the_runs_device(standin, monkeypatch):
     model, optimizer, step = _fresh("graph")
     step.device = torch.device("cuda", 1)  # only the capture's bookkeeping reads it here
-    monkeypatch.setattr(training.TrainStep, "_misplaced", lambda self: None)
+    monkeypatch.setattr(fast_step.TrainStep, "_misplaced", lambda self: None)
     _epochs(step, optimizer, range(3))
     assert step.mode == "graph"
     assert standin.capture_devices == [torch.device("cuda", 1)]

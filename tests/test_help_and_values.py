@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import configurator  # noqa: E402
+import configurator
 
 SCRIPTS = ["mnist.py", "cifar10.py", "svhn.py", "svhn_preprocessing.py"]
 

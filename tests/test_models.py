@@ -8,11 +8,10 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402
-from batch_norm import BatchNormLayer  # noqa: E402
-from binary_connect import Conv2DLayer, DenseLayer  # noqa: E402
+import models
+from batch_norm import BatchNormLayer
+from binary_connect import Conv2DLayer, DenseLayer
 
 
 def layout(model):

@@ -12,11 +12,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
-sys.path.insert(0, str(ROOT))
 
-import export  # noqa: E402
-import infer  # noqa: E402
-import packed  # noqa: E402
+import export
+import infer
+import packed
 
 needs_kernel = pytest.mark.skipif(packed.kernel() is None, reason="no C compiler for packed.c")
 

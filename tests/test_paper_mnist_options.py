@@ -12,12 +12,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import binary_connect as bc  # noqa: E402
-import models  # noqa: E402
-import training  # noqa: E402
-from batch_norm import BatchNormLayer  # noqa: E402
+import binary_connect as bc
+import models
+import fast_step
+import rundir
+import training
+from fake_data import script_config
+from batch_norm import BatchNormLayer
 
 CPU = torch.device("cpu")
 
@@ -97,7 +99,7 @@ def test_recomputed_statistics_are_averages_over_the_batches(form):
     batch = 10
     dense, bn = model[1], model[2]
     training.recompute_bn_statistics(
-        model, [training.Split(X, np.zeros((len(X), 10), np.float32), CPU) for X in splits], batch)
+        model, [fast_step.Split(X, np.zeros((len(X), 10), np.float32), CPU) for X in splits], batch)
     means, stats = [], []
     W, b = dense.weight.detach().numpy(), dense.bias.detach().numpy()  # eval: the real W (stoch.)
     for X in splits:
@@ -145,20 +147,18 @@ def test_monitor_step_evaluates_and_reshuffles_every_k_epochs(tmp_path):
     orders = []
     saved = sys.stdout
     try:
-        run = training.start_run("mnist", dict(seed=1, device="cpu", resume="",
-                                               out_dir=str(tmp_path / "run")))
-        with contextlib.redirect_stdout(io.StringIO()):
-            opt = bc.make_optimizer(model, 0.01)
-        real_start = training.TrainStep.start_epoch
+        run = rundir.start_run("mnist", script_config(
+            seed=1, device="cpu", resume="", out_dir=str(tmp_path / "run"), batch_size=10,
+            LR_start=0.01, LR_fin=0.01, num_epochs=5, monitor_step=2, bn_stats="recompute"))
+        real_start = fast_step.TrainStep.start_epoch
 
         def record(self, order, *args):
             orders.append(np.array(order))
             return real_start(self, order, *args)
-        training.TrainStep.start_epoch = record
-        history = training.train(model, opt, ((X, t),) * 3, run, 10, 0.01, 1.0, 5,
-                                 monitor_step=2, bn_stats="recompute")
+        fast_step.TrainStep.start_epoch = record
+        history = training.train(model, ((X, (t + 1) / 2),) * 3, run)
     finally:
-        training.TrainStep.start_epoch = real_start
+        fast_step.TrainStep.start_epoch = real_start
         if sys.stdout is not saved:
             sys.stdout.file.close()
             sys.stdout = saved

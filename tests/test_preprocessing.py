@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import preprocessing as pp  # noqa: E402
+import preprocessing as pp
 
 
 # ------------------------------------------------------------------------------------------ GCN

@@ -1,4 +1,4 @@
-"""Runs that survive 20 hours (training.start_run / training.train, issue 4): exact resume after a kill,
+"""Runs that survive 20 hours (rundir.start_run / training.train, issue 4): exact resume after a kill,
 a mid-epoch SIGINT/SIGTERM checkpoint, atomic checkpoints on a full disk, NaN stops, unwritable or
 reused run directories, and the records (metrics.jsonl, log.txt, hparams.json) of a run.
 
@@ -25,10 +25,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from fake_data import write_fake_mnist  # noqa: E402
+from fake_data import write_fake_mnist
 
 # The tiny configuration: 5 training batches of 20 per epoch, 3 validation and 3 test batches.
 TINY = dict(num_units=32, n_hidden_layers=1, num_epochs=4, batch_size=20, train_set_size=100,
@@ -49,7 +47,7 @@ repo, script, *args = sys.argv[1:]
 sys.path.insert(0, repo)
 hook = json.loads(os.environ.get("BC_TEST_HOOK") or "null")
 if hook:
-    import torch, binary_connect, training
+    import torch, binary_connect, fast_step, training
     count = [0]
     if hook["action"] == "kill_on_replace":
         real_replace = os.replace
@@ -77,7 +75,7 @@ if hook:
                     else:
                         os.kill(os.getpid(), getattr(signal, hook["action"]))
             return value
-        binary_connect.squared_hinge_loss = training.squared_hinge_loss = loss
+        binary_connect.squared_hinge_loss = fast_step.squared_hinge_loss = training.squared_hinge_loss = loss
 sys.argv = [script] + args
 runpy.run_path(script, run_name="__main__")
 '''
@@ -261,7 +259,7 @@ def test_kill_between_checkpoint_write_and_rename(work, reference, tmp_path):
 # 2. Atomic checkpoints ---------------------------------------------------------------------------------
 
 def tiny_training_state(tmp_path):
-    import training
+    import rundir
     from binary_connect import make_optimizer
     from models import mlp
     np.random.seed(0)
@@ -270,23 +268,23 @@ def tiny_training_state(tmp_path):
     x, t = torch.randn(6, 4), torch.sign(torch.randn(6, 10))
     torch.square(torch.clamp(1 - t * model(x), min=0)).mean().backward()
     optimizer.step()
-    run = training.Run("mnist", dict(seed=0), tmp_path, torch.device("cpu"), resume=False)
+    run = rundir.Run("mnist", dict(seed=0), tmp_path, torch.device("cpu"), resume=False)
     state = dict(epoch=1, batch=0, LR=1e-3, best_val_err=50., best_epoch=1, test_err=40.,
                  test_loss=0.5, history=[dict(epoch=1)], losses=None, order=np.arange(6))
     return run, model, optimizer, state
 
 
 def test_atomic_write_keeps_old_file_when_rename_or_fsync_fails(tmp_path, monkeypatch):
-    import training
+    import rundir
     path = tmp_path / "last.pt"
-    training.atomic_write_bytes(path, b"old")
+    rundir.atomic_write_bytes(path, b"old")
     for name in ("replace", "fsync"):
         def fail(*args, **kwargs):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         with monkeypatch.context() as m:
             m.setattr(os, name, fail)
             with pytest.raises(OSError):
-                training.atomic_write_bytes(path, b"new" * 1000)
+                rundir.atomic_write_bytes(path, b"new" * 1000)
         assert path.read_bytes() == b"old"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
@@ -324,9 +322,9 @@ class _FullDisk:
 def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, monkeypatch, where):
     if where == "fsync" and not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc/self/fd to tell which file is fsynced")
-    import training
+    import rundir
     run, model, optimizer, state = tiny_training_state(tmp_path)
-    training._save_checkpoint(run, model, optimizer, state, best=True)
+    rundir.save_checkpoint(run, model, optimizer, state, best=True)
     before = (tmp_path / "last.pt").read_bytes()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -336,7 +334,7 @@ def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, 
     with monkeypatch.context() as m:
         _FullDisk(m, "last.pt", where)
         with pytest.raises(SystemExit) as e:
-            training._save_checkpoint(run, model, optimizer, state, best=True)
+            rundir.save_checkpoint(run, model, optimizer, state, best=True)
     message = str(e.value.code)
     assert os.strerror(errno.ENOSPC) in message and str(tmp_path) in message
     assert f"--resume={tmp_path}" in message
@@ -351,14 +349,14 @@ def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, 
 def test_full_disk_on_best_checkpoint_does_not_advance_last(tmp_path, monkeypatch):
     """If best.pt cannot be written, last.pt must still be the previous epoch's (as the message says),
     so the resume redoes the epoch and writes best.pt; else best.pt would miss the best epoch."""
-    import training
+    import rundir
     run, model, optimizer, state = tiny_training_state(tmp_path)
-    training._save_checkpoint(run, model, optimizer, state, best=True)
+    rundir.save_checkpoint(run, model, optimizer, state, best=True)
     state.update(epoch=2, best_epoch=2, history=[dict(epoch=1), dict(epoch=2)])
     with monkeypatch.context() as m:
         _FullDisk(m, "best.pt", "write")
         with pytest.raises(SystemExit):
-            training._save_checkpoint(run, model, optimizer, state, best=True)
+            rundir.save_checkpoint(run, model, optimizer, state, best=True)
     assert load(tmp_path / "best.pt")["epoch"] == 1
     assert load(tmp_path / "last.pt")["epoch"] == 1
     assert not list(tmp_path.glob("*.tmp"))
@@ -538,12 +536,12 @@ def test_resume_into_another_out_dir_is_refused(work, reference, tmp_path):
 
 def test_resume_with_another_training_set_is_refused(work, reference, tmp_path):
     """A resumed run must see the same training set: its checkpointed shuffle order indexes it."""
-    import training
+    import rundir
     source, _, _ = reference(True)
-    run = training.Run("mnist", dict(TINY), source, torch.device("cpu"), resume=True)
+    run = rundir.Run("mnist", dict(TINY), source, torch.device("cpu"), resume=True)
     run_, model, optimizer, _ = tiny_training_state(tmp_path)
     with pytest.raises(SystemExit) as e:
-        training._load_checkpoint(run, model, optimizer, n_train=90)
+        rundir.load_checkpoint(run, model, optimizer, n_train=90)
     assert "100 training examples" in str(e.value.code) and "90" in str(e.value.code)
 
 

@@ -22,9 +22,8 @@ import pytest
 from fake_data import write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import slurm  # noqa: E402
+import slurm
 
 EPOCHS = 20  # the signals land in epochs 2 and 3
 WAIT = 600  # s: the longest any one step may take on a loaded machine before the test gives up

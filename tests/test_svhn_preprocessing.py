@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-import preprocessing as pp  # noqa: E402
-import svhn_preprocessing as sp  # noqa: E402
-from fake_data import write_fake_svhn_mat  # noqa: E402
+import preprocessing as pp
+import svhn_preprocessing as sp
+from fake_data import write_fake_svhn_mat
 
 N_TRAIN, N_TEST, N_EXTRA = 100, 23, 60  # 10 / 6 images per label in train / extra
 K_TRAIN, K_EXTRA = 5, 3                 # valid images per label from train / extra

@@ -19,9 +19,9 @@ import torch
 from fake_data import write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import sweep  # noqa: E402
+import sweep
+import rundir
 
 EPOCHS = 30  # enough epochs of tiny data for the kill to land in the middle of the first run
 SEEDS = (1, 2)
@@ -46,7 +46,7 @@ def metrics(run_dir):
 
 
 def epochs_checkpointed(run_dir):
-    # metrics.jsonl is written after last.pt (training.CheckpointWriter)
+    # metrics.jsonl is written after last.pt (rundir.CheckpointWriter)
     return len(metrics(run_dir)) if (Path(run_dir) / "last.pt").exists() else 0
 
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import binary_connect as bc  # noqa: E402
-import models  # noqa: E402
-import training  # noqa: E402
+import binary_connect as bc
+import models
+import fast_step
+import rundir
+import training
+from fake_data import script_config
 
 LABELS = ["LR:", "training loss:", "validation loss:", "validation error rate:", "best epoch:",
           "best validation error rate:", "test loss:", "test error rate:"]
@@ -26,15 +28,20 @@ def new_run(tmp_path):
     the original stdout comes back afterwards."""
     saved = []
 
-    def make():
+    def make(**hparams):
         saved.append(sys.stdout)
-        return training.start_run("mnist", dict(seed=1234, device="cpu",
-                                                out_dir=str(tmp_path / "run"), resume=""))
+        return rundir.start_run("mnist", script_config(
+            seed=1234, device="cpu", out_dir=str(tmp_path / "run"), resume="", **hparams))
     yield make
     if saved:
         tee, sys.stdout = sys.stdout, saved[0]
         if tee is not saved[0] and hasattr(tee, "file"):
             tee.file.close()
+
+
+def one_hot(hinge):
+    """{-1, +1} targets back to the one-hot {0, 1} labels that training.train takes."""
+    return (np.asarray(hinge) + 1) / 2
 
 
 def hinge_targets(labels, k=10):
@@ -108,13 +115,15 @@ def test_report_nine_line_format():
 # §4.1 LR schedule through a real (tiny) training run
 # ---------------------------------------------------------------------------------------------
 
-def test_lr_of_epoch_e_is_start_times_decay_to_e_minus_1(new_run):
-    run = new_run()
+def test_lr_of_epoch_e_is_start_times_decay_to_e_minus_1(new_run, monkeypatch):
+    LR_start, decay, epochs, batch = 0.01, 0.9, 3, 10
+    run = new_run(batch_size=batch, LR_start=LR_start, LR_fin=LR_start * decay ** epochs,
+                  num_epochs=epochs)
     rng = np.random.RandomState(0)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = (tiny_data(rng, n) for n in (40, 20, 20))
     model = tiny_mlp()
-    LR_start, decay, epochs, batch = 0.01, 0.9, 3, 10
     opt = bc.make_optimizer(model, LR_start)
+    monkeypatch.setattr(training, "make_optimizer", lambda *args: opt)
     seen = []
     update = opt.update
 
@@ -123,8 +132,8 @@ def test_lr_of_epoch_e_is_start_times_decay_to_e_minus_1(new_run):
         update(grads)
     opt.update = recording_update
 
-    history = training.train(model, opt, ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, batch,
-                             LR_start, decay, epochs)
+    history = training.train(model, ((Xtr, one_hot(ytr)), (Xva, one_hot(yva)),
+                                     (Xte, one_hot(yte))), run)
     assert len(history) == epochs and len(seen) == epochs * 4
     for e in range(1, epochs + 1):
         want = LR_start * decay ** (e - 1)
@@ -146,12 +155,13 @@ def test_lr_of_epoch_e_is_start_times_decay_to_e_minus_1(new_run):
 # ---------------------------------------------------------------------------------------------
 
 def test_test_set_evaluated_only_when_validation_ties_or_improves(new_run, monkeypatch):
-    run = new_run()
+    val_errs = [100.0, 60.0, 60.0, 70.0, 50.0, 50.0, 55.0]  # 100 ties the initial best
+    run = new_run(batch_size=10, LR_start=0.001, LR_fin=0.001, num_epochs=len(val_errs))
     rng = np.random.RandomState(1)
     (Xtr, ytr), (Xva, yva), (Xte, yte) = (tiny_data(rng, n) for n in (20, 20, 30))
     model = tiny_mlp()
     opt = bc.make_optimizer(model, 0.001)
-    val_errs = [100.0, 60.0, 60.0, 70.0, 50.0, 50.0, 55.0]  # 100 ties the initial best
+    monkeypatch.setattr(training, "make_optimizer", lambda *args: opt)
     state = dict(trained=False, epoch=0)
     test_calls = []
     update = opt.update
@@ -173,8 +183,8 @@ def test_test_set_evaluated_only_when_validation_ties_or_improves(new_run, monke
         return 200. + e, 10. + e
 
     monkeypatch.setattr(training, "evaluate", fake_evaluate)
-    history = training.train(model, opt, ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, 10, 0.001,
-                             1.0, len(val_errs))
+    history = training.train(model, ((Xtr, one_hot(ytr)), (Xva, one_hot(yva)),
+                                     (Xte, one_hot(yte))), run)
     assert test_calls == [1, 2, 3, 5, 6]
     best_epoch = [1, 2, 3, 3, 5, 6, 6]
     best_val = [100.0, 60.0, 60.0, 60.0, 50.0, 50.0, 50.0]
@@ -199,18 +209,17 @@ def test_test_set_evaluated_only_when_validation_ties_or_improves(new_run, monke
 # ---------------------------------------------------------------------------------------------
 
 def test_partial_batches_are_dropped_in_training_and_evaluation(new_run):
-    run = new_run()
+    run = new_run(batch_size=50, LR_start=0.001, LR_fin=0.001, num_epochs=2)
     rng = np.random.RandomState(2)
     Xtr, ytr = tiny_data(rng, 105)
     Xva, yva = tiny_data(rng, 105)
     Xte, yte = tiny_data(rng, 73)
     model = tiny_mlp()
-    opt = bc.make_optimizer(model, 0.001)
     calls = []
     model.register_forward_pre_hook(
         lambda mod, args: calls.append((mod.training, args[0].detach().cpu().numpy().copy())))
-    history = training.train(model, opt, ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, 50, 0.001,
-                             1.0, 2)
+    history = training.train(model, ((Xtr, one_hot(ytr)), (Xva, one_hot(yva)),
+                                     (Xte, one_hot(yte))), run)
     assert len(history) == 2
     per_epoch = []
     i = 0
@@ -274,7 +283,7 @@ def np_eval(X, y, batch):
 
 
 def test_error_is_mean_of_batch_fractions_without_the_tail(new_run):
-    run = new_run()
+    run = new_run(batch_size=50, LR_start=0.001, LR_fin=0.001, num_epochs=1)
     rng = np.random.RandomState(3)
     # validation: 10 wrong of 50, 5 wrong of 50, and a 5-row tail all wrong (never counted)
     Xva, yva = scripted_split(rng, 105, list(range(10)) + list(range(50, 55))
@@ -285,8 +294,8 @@ def test_error_is_mean_of_batch_fractions_without_the_tail(new_run):
     Xtr = np.repeat(row, 120, axis=0)  # identical rows: the training loss is order-free
     ytr = np.repeat(hinge_targets([3]), 120, axis=0)
     model = Passthrough()
-    history = training.train(model, bc.make_optimizer(model, 0.001),
-                             ((Xtr, ytr), (Xva, yva), (Xte, yte)), run, 50, 0.001, 1.0, 1)
+    history = training.train(model, ((Xtr, one_hot(ytr)), (Xva, one_hot(yva)),
+                                     (Xte, one_hot(yte))), run)
     (h,) = history
     # per-batch fractions are float32, as Theano's floatX mean was: rel 1e-6
     assert h["val_err"] == pytest.approx(15.0, rel=1e-6)  # (10/50 + 5/50) / 2 * 100
@@ -301,18 +310,18 @@ def test_error_is_mean_of_batch_fractions_without_the_tail(new_run):
 def test_a_nan_loss_in_epoch_1_says_nothing_was_kept(new_run, monkeypatch):
     """Before the first checkpoint there is nothing to resume: the message says so (the run
     directory is then removed) instead of promising a checkpoint."""
-    real_step = training.TrainStep._step
+    real_step = fast_step.TrainStep._step
 
     def step(self):
         real_step(self)
         if self.steps == 1:
             self.losses[1] = float("nan")
-    monkeypatch.setattr(training.TrainStep, "_step", step)
-    run = new_run()
+    monkeypatch.setattr(fast_step.TrainStep, "_step", step)
+    run = new_run(batch_size=10, LR_start=0.01, LR_fin=0.0025, num_epochs=2)
     rng = np.random.RandomState(0)
-    data = [tiny_data(rng, n) for n in (40, 20, 20)]
+    data = [(X, one_hot(t)) for X, t in (tiny_data(rng, n) for n in (40, 20, 20))]
     model = tiny_mlp()
     with pytest.raises(SystemExit) as e:
-        training.train(model, bc.make_optimizer(model, 0.01), data, run, 10, 0.01, 0.5, 2)
+        training.train(model, data, run)
     assert str(e.value) == ("error: the training loss became nan at epoch 1, batch 2; stopping. "
                             "Nothing was kept: no epoch had ended.")

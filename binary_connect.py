@@ -12,61 +12,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from streams import uniform_like
+
 
 def hard_sigmoid(x):
     # §1.1: the paper picks the hard sigmoid for its low cost.
     return torch.clamp((x + 1.) / 2., 0., 1.)
 
 
-_M32 = 0xFFFFFFFF
-
-
-def pcg_hash(x):
-    """Jarzynski & Olano's PCG hash (JCGT 9(3), 2020), a bijection of 32-bit values, on values
-    below 2**32 held in int64: every product stays below 2**63, so no signed overflow anywhere
-    (ATen, C++ or Triton)."""
-    s = (x * 747796405 + 2891336453) & _M32
-    w = (((s >> ((s >> 28) + 4)) ^ s) * 277803737) & _M32
-    return (w >> 22) ^ w
-
-
-def counter_uniform(seed, counter, shape, device):
-    """U[0, 1) draws of 24 bits (float32's resolution, as the original's MRG floats), a pure
-    function of (the layer's seed, the draw counter, the element's index).
-
-    Two keys derived from (seed, counter) drive two keyed rounds of the PCG hash over the flat
-    element index. Being a function of a counter rather than a generator's hidden state, the
-    stream is the same on every device, fuses into a compiled step, needs nothing registered in
-    a CUDA graph, and checkpoints as one integer.
-    """
-    k1 = pcg_hash(pcg_hash(counter & _M32) ^ seed)
-    k2 = pcg_hash(k1 ^ 0x5BD1E995 ^ (counter >> 32))
-    n = math.prod(shape)
-    x = pcg_hash(pcg_hash(torch.arange(n, device=device) ^ k1) ^ k2)
-    return ((x >> 8).to(torch.float32) * 2. ** -24).view(shape)
-
-
-def uniform_like(W, generator):
-    """W-shaped U[0, 1) draws from a layer's stream: a torch.Generator, or a counter stream
-    given as (seed, counter) (see counter_uniform)."""
-    if isinstance(generator, tuple):
-        return counter_uniform(*generator, W.shape, W.device).to(W.dtype)
-    return torch.rand(W.shape, generator=generator, device=W.device, dtype=W.dtype)
-
-
-def binarization(W, H, binary=True, deterministic=False, stochastic=False, generator=None):
+def binarization(W, H, binary=True, deterministic=False, stochastic=False, stream=None):
     """§1.1. `deterministic` is the test-time flag; `stochastic` the BinaryConnect variant.
 
     Returns W itself when binary is False, or at test time for stochastic BC (the paper's choice:
     drop the noise at test time, like Dropout). Otherwise +-H: deterministic BC rounds
     hard_sigmoid(W/H) half away from zero (Theano's T.round then), so W >= 0 gives +H; stochastic BC
     gives +H with probability hard_sigmoid(W/H), as MRG_RandomStreams.binomial computed `u < p`,
-    with u from `generator` (a torch.Generator or a counter stream, see uniform_like).
+    with u drawn from `stream` (a torch.Generator or a counter stream: streams.py).
     """
     if not binary or (deterministic and stochastic):
         return W
     if stochastic:
-        b = uniform_like(W, generator) < hard_sigmoid(W / H)
+        b = uniform_like(W, stream) < hard_sigmoid(W / H)
     else:
         b = W >= 0
     # {0, 1} -> {-H, +H}, exactly, in W's dtype, with no host-to-device copy of H.
@@ -113,7 +79,7 @@ class BinaryLayerMixin:
         # global numpy RNG, in construction order.
         self.seed = int(rng.randint(1, 2147462579))
         self._generator = None
-        self.rng = "generator"
+        self.stream_kind = "generator"  # or "counter": streams.py
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
         with torch.no_grad():
             if binary:
@@ -138,17 +104,17 @@ class BinaryLayerMixin:
         return self._generator
 
     def stream(self):
-        """Where this training pass's u comes from: the layer's torch.Generator (rng =
-        "generator", the eager modules) or its counter stream (rng = "counter", the compiled
-        step: see counter_uniform). Both are seeded by self.seed; `draws` counts the samples."""
-        return self.generator if self.rng == "generator" else (self.seed, self.draws)
+        """Where this training pass's u comes from (streams.py): the layer's torch.Generator
+        (the eager modules) or its counter stream (the compiled step), as stream_kind says.
+        Both are seeded by self.seed; `draws` counts the samples."""
+        return self.generator if self.stream_kind == "generator" else (self.seed, self.draws)
 
     def binary_weight(self):
         """Wb for this forward pass; one fresh sample per training minibatch (§1.1)."""
         sampling = self.binary and self.stochastic and self.training
         Wb = binarization(self.weight, self.H, self.binary, deterministic=not self.training,
                           stochastic=self.stochastic,
-                          generator=self.stream() if sampling else None)
+                          stream=self.stream() if sampling else None)
         if sampling:
             self.draws.add_(1)
         if Wb is self.weight:
@@ -224,11 +190,11 @@ class _Optimizer(torch.optim.Optimizer):
     Build it after the model is on its device.
     """
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, LR, defaults):
         super().__init__(params, dict(defaults, W_LR_scale=1., H=None))
         self._all = [p for g in self.param_groups for p in g["params"]]
         device = self._all[0].device
-        self.LR = torch.tensor(self.defaults["lr"], dtype=torch.float64, device=device)
+        self.LR = torch.tensor(LR, dtype=torch.float64, device=device)  # the one copy of the LR
         # Per-parameter constants made once, on the device: a captured step copies nothing in.
         self._scale = torch.tensor([g["W_LR_scale"] for g in self.param_groups
                                     for _ in g["params"]], dtype=torch.float64, device=device)
@@ -251,8 +217,6 @@ class _Optimizer(torch.optim.Optimizer):
 
     def set_learning_rate(self, LR):
         """Once per epoch (§4.1); a fill, so a captured step sees it without a host sync."""
-        for group in self.param_groups:
-            group["lr"] = LR
         self.LR.fill_(LR)
 
     def step(self):
@@ -267,24 +231,32 @@ class _Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _apply(self, indices, grads):
+        """The update rule. The original's, for each binary W (clipping_scaling, §2.3):
+
+            updates[param] = param + layer.W_LR_scale*(updates[param] - param)
+            updates[param] = T.clip(updates[param], -layer.H, layer.H)
+
+        Here: param -= (size * W_LR_scale) * numerator / denominator, the optimizer's own step
+        (_direction) scaled, then the clip. Other parameters have W_LR_scale 1 and no clip."""
         if not grads:
             return
         params = [self._all[i] for i in indices]
         state = [self.state[p] for p in params]
         steps = [s["step"] for s in state]
         torch._foreach_add_(steps, 1)
-        self._update(params, grads, state, steps[0], indices)
+        size, numerator, denominator = self._direction(grads, state, steps[0])
+        # (size * W_LR_scale) in float64, rounded once to a 0-dim tensor per parameter, as a
+        # Python-float `value=` of addcdiv_ would be; then addcdiv_'s order of operations.
+        sizes = (size * self._scale).to(params[0].dtype).unbind()
+        step = torch._foreach_mul(numerator, [sizes[i] for i in indices])
+        if denominator is not None:
+            torch._foreach_div_(step, denominator)
+        torch._foreach_sub_(params, step)
         for i in indices:
             # One clamp per binary layer: the compiled step fuses it into the update (inductor
             # has no fused kernel for a foreach clamp: it would cost a third of the update).
             if self._H[i] is not None:
                 self._all[i].clamp_(-self._H[i], self._H[i])
-
-    def _scaled(self, t, size, indices, dtype):
-        """t[k] * (size * W_LR_scale of parameter indices[k]), one 0-dim tensor per parameter,
-        as a Python-float `value=` of addcdiv_ would be: the product in float64, rounded once."""
-        sizes = (size * self._scale).to(dtype).unbind()
-        return torch._foreach_mul(t, [sizes[i] for i in indices])
 
 
 class Adam(_Optimizer):
@@ -295,14 +267,14 @@ class Adam(_Optimizer):
     """
 
     def __init__(self, params, LR=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8):
-        super().__init__(params, dict(lr=LR, beta1=beta1, beta2=beta2, epsilon=epsilon))
+        super().__init__(params, LR, dict(beta1=beta1, beta2=beta2, epsilon=epsilon))
 
     def _init_state(self, state, p):
         state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
         state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, params, grads, state, t, indices):
+    def _direction(self, grads, state, t):
         d = self.defaults
         beta1, beta2, eps = d["beta1"], d["beta2"], d["epsilon"]
         m, v = [s["m"] for s in state], [s["v"] for s in state]
@@ -311,25 +283,22 @@ class Adam(_Optimizer):
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1. - beta2)
         a_t = self.LR * torch.sqrt(1. - beta2 ** t) / (1. - beta1 ** t)
-        # p - (a_t * W_LR_scale) * m / (sqrt(v) + eps), in addcdiv_'s order of operations
-        step = self._scaled(m, a_t, indices, params[0].dtype)
         denominator = torch._foreach_sqrt(v)
         torch._foreach_add_(denominator, eps)
-        torch._foreach_div_(step, denominator)
-        torch._foreach_sub_(params, step)
+        return a_t, m, denominator
 
 
 class SGD(_Optimizer):
     """Plain SGD, no momentum, of the paper's own MNIST code (§9): p - LR * W_LR_scale * g."""
 
     def __init__(self, params, LR=1e-3):
-        super().__init__(params, dict(lr=LR))
+        super().__init__(params, LR, {})
 
     def _init_state(self, state, p):
         state["step"] = torch.zeros((), dtype=torch.float64, device=p.device)
 
-    def _update(self, params, grads, state, t, indices):
-        torch._foreach_sub_(params, self._scaled(grads, self.LR, indices, params[0].dtype))
+    def _direction(self, grads, state, t):
+        return self.LR, grads, None
 
 
 def make_optimizer(model, LR, optimizer="adam"):

@@ -325,7 +325,33 @@ def _configure(globals_dict, argv):
     if config.get("LR_fin", 0) > config.get("LR_start", float("inf")):
         raise ConfigError(f"{origin['LR_fin']}: LR_fin must not be above LR_start "
                           f"({config['LR_start']}): the learning rate would grow every epoch")
+    _check_sizes(config, origin, Path(script).stem)
     return config
+
+
+# The official files' sizes (training, test): a batch_size or train_set_size they cannot hold
+# is refused here, before anything is loaded. Smaller files (subsets) are checked once loaded.
+OFFICIAL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000)}
+
+
+def _check_sizes(config, origin, script):
+    """Every split needs a full batch (§5 drops partial ones)."""
+    batch_size, n = config.get("batch_size"), config.get("train_set_size")
+    if batch_size is None or n is None:
+        return
+    if batch_size > n:
+        raise ConfigError(f"{origin['batch_size']}: batch_size must not be above train_set_size "
+                          f"({n}): the training set would have no full batch")
+    if script not in OFFICIAL_SIZES:
+        return
+    train_file, test_file = OFFICIAL_SIZES[script]
+    if train_file - n < batch_size:
+        raise ConfigError(f"{origin['train_set_size']}: the validation set is the rest of the "
+                          f"{train_file}-image training file, so train_set_size must be at most "
+                          f"{train_file - batch_size} with batch_size={batch_size}")
+    if batch_size > test_file:
+        raise ConfigError(f"{origin['batch_size']}: batch_size must be at most {test_file}, the "
+                          f"size of the test set")
 
 
 def _source_comments(path, names):

@@ -144,7 +144,7 @@ def binarized_copy(model, rule, generator=None):
                 layer.weight.copy_(binarization(layer.weight, layer.H, binary=True,
                                                 deterministic=False,
                                                 stochastic=(rule == "sample"),
-                                                generator=generator))
+                                                stream=generator))
             layer.binary = False  # its forward now uses layer.weight as it is
     return net.eval()
 

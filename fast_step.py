@@ -407,7 +407,7 @@ def _restore(model, optimizer, snapshot):
 
 def set_stream_kind(model, kind):
     for m in binary_layers(model):
-        m.rng = kind
+        m.stream_kind = kind
 
 
 def miscounted(step, before, n, epoch):

@@ -310,7 +310,7 @@ def stop(run, signum, where):
 def rng_states(model, device):
     # The run's own GPU only: a resume on a machine with fewer GPUs must still work.
     layers = binary_layers(model)
-    kind = layers[0].rng if layers else "generator"
+    kind = layers[0].stream_kind if layers else "generator"
     return dict(numpy=np.random.get_state(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 kind=kind, device=device.type,
@@ -323,7 +323,7 @@ def set_rng_states(model, states, device):
     if states["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
     layers = binary_layers(model)
-    kind = layers[0].rng if layers else "generator"
+    kind = layers[0].stream_kind if layers else "generator"
     saved_kind = states.get("kind", "generator")
     if kind == "counter":
         if saved_kind != "counter" and any(m.stochastic for m in layers):

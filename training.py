@@ -88,6 +88,10 @@ def _give_up(run, writer, error, option=""):
 BIG_LOSS_NOTE = ("  (a validation or test loss this large is expected early in stochastic BC on "
                  "small networks: the BN statistics were gathered with sampled +-H weights, the "
                  "evaluation uses the real-valued ones; docs/original.md §3)")
+# A squared hinge loss above 1000 in training means outputs beyond +-30: the run diverges (a NaN
+# would stop it; this only warns, since it may recover).
+DIVERGING_NOTE = ("  (warning: a training loss this large means the run is diverging; the learning "
+                  "rate of this epoch was {LR}: a smaller LR_start may be needed)")
 
 
 def train(model, data, run):
@@ -199,7 +203,9 @@ def train(model, data, run):
                                    seconds=seconds + state["unreported"])
                     state["unreported"] = 0.
                     print(report(epoch, num_epochs, seconds, metrics))
-                    if val_loss > 1000 or improved and state["test_loss"] > 1000:
+                    if train_loss > 1000:
+                        print(DIVERGING_NOTE.format(LR=str2(LR)))
+                    elif val_loss > 1000 or improved and state["test_loss"] > 1000:
                         print(BIG_LOSS_NOTE)
                     state["history"].append(metrics)
                 else:
@@ -207,6 +213,8 @@ def train(model, data, run):
                     state["unreported"] += seconds
                     print(f"Epoch {epoch} of {num_epochs} took {str2(seconds)}s (training "
                           f"loss {str2(train_loss)}; evaluated every {monitor_step} epochs)")
+                    if train_loss > 1000:
+                        print(DIVERGING_NOTE.format(LR=str2(LR)))
                 sys.stdout.flush()
                 state.update(epoch=epoch, batch=0, losses=None, elapsed=0.,
                              LR=LR * LR_decay)  # §4.1

@@ -17,7 +17,7 @@ On this machine every tensor is on the CPU, so the tensors that a CUDA run would
 memory are marked: `host.mark(t)`, or `emulated_resume` for what a resume loads with
 torch.load(map_location="cpu"), where a `.to(device)` then stands for a copy to the GPU.
 What this cannot show (the kernels' fixed addresses, no host syncs inside a capture) is
-tests/test_cuda.py's, on a GPU.
+tests/test_fast_step_cuda.py's, on a GPU.
 """
 import contextlib
 import weakref
@@ -25,7 +25,6 @@ import weakref
 import torch
 from torch.overrides import TorchFunctionMode
 
-import training
 
 import fast_step
 

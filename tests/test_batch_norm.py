@@ -1,6 +1,4 @@
 """BatchNormLayer against §3, with a numpy reference written here (float64)."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,5 @@
 """benchmark.py's arithmetic: each variant compiles and captures in its own precision (a CUDA
 graph keeps the arithmetic it was captured in), not in the one set last."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch

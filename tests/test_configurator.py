@@ -1,6 +1,4 @@
 """configurator.configure: typed --key=value overrides, config files, errors naming the key."""
-import sys
-from pathlib import Path
 
 import pytest
 

@@ -1,8 +1,6 @@
 """models.mlp and models.cnn against the layer order of the original scripts (docs/original.md
 §4.2-4.4): every Dense/Conv binary with a bias, BN after it with ReLU inside (identity after the
 output layer), and in the CNN the max-pool BEFORE the BN of each block's second conv."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch.nn as nn

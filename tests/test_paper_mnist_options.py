@@ -5,7 +5,6 @@ monitor_step epochs."""
 import contextlib
 import io
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

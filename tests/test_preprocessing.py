@@ -1,7 +1,5 @@
 """preprocessing.py against references written here from §6.2 / 6.3 (loops, explicit sums)."""
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -21,7 +21,6 @@ from fake_data import write_fake_mnist
 ROOT = Path(__file__).resolve().parents[1]
 
 import sweep
-import rundir
 
 EPOCHS = 30  # enough epochs of tiny data for the kill to land in the middle of the first run
 SEEDS = (1, 2)

@@ -13,7 +13,7 @@
 # The parts, most important first. Each has its own time limit, and together they fit one
 # 8-minute call on an H100/H200 (or `tests bench`, then `mnist cifar`: two of at most 5 minutes);
 # each part's verdict is written as it finishes, so a call cut short keeps the parts before it.
-#   tests  (100 s) the CUDA tests (tests/test_cuda.py), the graph-mode resume first: a run killed
+#   tests  (100 s) the CUDA tests (tests/test_fast_step_cuda.py), the graph-mode resume first: a run killed
 #          mid-epoch in graph mode resumes bit-exact, with no guard firing; the graph step equals
 #          the compiled step (to tests/test_fast_step.py's tolerance) and the eager one; counter
 #          streams equal the CPU's; seeded runs repeat; tf32/bf16 keep float32 state. PASS: all
@@ -109,7 +109,7 @@ if [ -n "$smoke" ]; then
     cifar=(--num_epochs=1 --train_set_size=250 --compile=false)
     cifar_epochs=1 precisions=(fp32 tf32)  # bf16 is emulated, and slow, on CPUs without it
     subset=(--limit=300)
-    tests=(tests/test_cuda.py)
+    tests=(tests/test_fast_step_cuda.py)
     limits=(240 240 240 240)
 else
     device=cuda
@@ -120,7 +120,7 @@ else
     cifar=(--num_epochs=2 --train_set_size=9000)
     cifar_epochs=2 precisions=(fp32 tf32 bf16)
     subset=()
-    tests=(-m cuda tests/test_cuda.py)
+    tests=(-m cuda tests/test_fast_step_cuda.py)
     limits=(100 110 180 90)  # seconds: 8 minutes in all
 fi
 

@@ -1,7 +1,6 @@
 """training.train / evaluate / report / str2 against §4.1 (LR schedule) and §5 (loop, model
 selection, dropped partial batches, the nine-line report), on tiny models and data."""
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,7 +127,7 @@ def test_lr_of_epoch_e_is_start_times_decay_to_e_minus_1(new_run, monkeypatch):
     update = opt.update
 
     def recording_update(grads):
-        seen.append([g["lr"] for g in opt.param_groups])
+        seen.append([float(opt.LR)])
         update(grads)
     opt.update = recording_update
 
@@ -325,3 +324,17 @@ def test_a_nan_loss_in_epoch_1_says_nothing_was_kept(new_run, monkeypatch):
         training.train(model, data, run)
     assert str(e.value) == ("error: the training loss became nan at epoch 1, batch 2; stopping. "
                             "Nothing was kept: no epoch had ended.")
+
+
+def test_a_diverging_training_loss_is_named(new_run):
+    """A training loss of 1e6 (outputs far beyond +-1: --LR_start=1e4 gives such) is not a NaN,
+    so the run goes on; the report says it is diverging and what the LR was."""
+    run = new_run(batch_size=10, LR_start=0.001, LR_fin=0.001, num_epochs=1)
+    rng = np.random.RandomState(5)
+    X, t = tiny_data(rng, 20, n_in=10)
+    model = Passthrough()
+    training.train(model, ((X * 1000, one_hot(t)), (X / 1000, one_hot(t)), (X, one_hot(t))), run)
+    log = run.path("log.txt").read_text()
+    assert "warning: a training loss this large means the run is diverging; the learning rate of " \
+           "this epoch was 0.001: a smaller LR_start may be needed" in log
+    assert training.BIG_LOSS_NOTE not in log  # the validation loss is small

@@ -26,7 +26,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from fake_data import write_fake_mnist
+import fast_step
+import models
+import rundir
+import training
+from fake_data import script_config, write_fake_mnist
 
 # The tiny configuration: 5 training batches of 20 per epoch, 3 validation and 3 test batches.
 TINY = dict(num_units=32, n_hidden_layers=1, num_epochs=4, batch_size=20, train_set_size=100,
@@ -560,3 +564,80 @@ def test_a_start_that_failed_before_its_first_checkpoint_can_be_rerun(work, refe
     check_ok(p)
     assert without_seconds(metrics(out)) == without_seconds(expected)
     assert (out / "log.txt").read_text().count("Loading MNIST dataset...") == 1
+
+# 6. A mid-epoch resume with the training data kept on the host (memory-mapped, as SVHN is) ------
+
+HOST_N, HOST_BATCH, HOST_EPOCHS, HOST_IN = 60, 10, 3, 6  # 6 batches an epoch
+
+
+def one_hot_labels(rng, n):
+    return np.eye(10, dtype=np.float32)[rng.randint(0, 10, n)]
+
+
+def host_data(tmp_path):
+    """A memory-mapped training set (a .npy opened with mmap_mode="r", as svhn.py reads SVHN),
+    which Split keeps on the host on the CPU; small in-memory valid and test sets."""
+    rng = np.random.RandomState(5)
+    path = tmp_path / "train_X.npy"
+    np.save(path, rng.randn(HOST_N, HOST_IN).astype(np.float32))
+    Xtr = np.load(path, mmap_mode="r")
+    assert isinstance(Xtr, np.memmap)
+    ytr = one_hot_labels(rng, HOST_N)
+    val = rng.randn(20, HOST_IN).astype(np.float32), one_hot_labels(rng, 20)
+    test = rng.randn(20, HOST_IN).astype(np.float32), one_hot_labels(rng, 20)
+    return (Xtr, ytr), val, test
+
+
+def train_run(out, data, resume=False, stop_at=None):
+    """training.train on a tiny stochastic-BC MLP in out; stop_at=k sends SIGINT (the real
+    handler, in this process) during the k-th training step of this process. Returns (the
+    history, the final state_dict, whether every step gathered its batch on the host)."""
+    saved = sys.stdout
+    steps, on_host = [0], []
+    call = fast_step.TrainStep.__call__
+
+    def counted(self):
+        on_host.append(not self.data.on_device)
+        steps[0] += 1
+        if steps[0] == stop_at:
+            signal.raise_signal(signal.SIGINT)
+        return call(self)
+
+    fast_step.TrainStep.__call__ = counted
+    try:
+        config = script_config(seed=1234, device="cpu", out_dir=str(out),
+                               resume=str(out) if resume else "", batch_size=HOST_BATCH,
+                               LR_start=0.01, LR_fin=0.01 * 0.8 ** HOST_EPOCHS,
+                               num_epochs=HOST_EPOCHS)
+        with rundir.start_run("mnist", config) as run:
+            model = models.mlp(num_units=8, n_hidden_layers=1, n_inputs=HOST_IN, alpha=0.15,
+                               epsilon=1e-4, dropout_hidden=0.2, stochastic=True)
+            history = training.train(model, data, run)
+        return history, {k: v.clone() for k, v in model.state_dict().items()}, on_host
+    finally:
+        fast_step.TrainStep.__call__ = call
+        tee, sys.stdout = sys.stdout, saved
+        if tee is not saved and hasattr(tee, "file"):
+            tee.file.close()
+
+
+@pytest.mark.parametrize("stop_at", [2, 6 + 4])  # epoch 1 after batch 2; epoch 2 after batch 4
+def test_mid_epoch_resume_with_host_side_training_data_is_exact(tmp_path, stop_at):
+    data = host_data(tmp_path)
+    assert not fast_step.Split(*data[0], torch.device("cpu")).on_device  # the host branch of the training step
+    history, weights, on_host = train_run(tmp_path / "whole", data)
+    assert len(history) == HOST_EPOCHS and all(on_host) and len(on_host) == HOST_EPOCHS * 6
+
+    out = tmp_path / "resumed"
+    with pytest.raises(SystemExit) as stopped:
+        train_run(out, data, stop_at=stop_at)
+    assert stopped.value.code == 128 + signal.SIGINT
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["batch"]) == divmod(stop_at, 6)  # mid-epoch
+    resumed, resumed_weights, on_host = train_run(out, data, resume=True)
+    assert all(on_host) and len(on_host) == HOST_EPOCHS * 6 - stop_at  # only the steps left
+
+    assert without_seconds(resumed) == without_seconds(history)  # every epoch's losses, errors
+    assert resumed_weights.keys() == weights.keys()
+    for name in weights:
+        assert torch.equal(resumed_weights[name], weights[name]), name

@@ -8,15 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 
-import binary_connect as bc
+import streams
 from fake_data import write_fake_mnist
 from test_fast_step import _run
-import fast_step
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -73,8 +71,8 @@ def test_killed_graph_mode_run_resumes_exactly(tmp_path):
 def test_counter_stream_is_the_same_on_cpu_and_gpu():
     for counter in (0, 5, 2 ** 33 + 1):
         c = torch.tensor(counter, dtype=torch.int64)
-        cpu = bc.counter_uniform(1234, c, (1 << 16,), torch.device("cpu"))
-        gpu = bc.counter_uniform(1234, c.to(GPU), (1 << 16,), GPU)
+        cpu = streams.counter_uniform(1234, c, (1 << 16,), torch.device("cpu"))
+        gpu = streams.counter_uniform(1234, c.to(GPU), (1 << 16,), GPU)
         assert torch.equal(cpu, gpu.cpu())
 
 

@@ -1,11 +1,9 @@
 """The "graph" mode of the training step (a compiled step captured as a CUDA graph) on the CPU,
 through the stand-in of tests/cuda_standin.py: what a reading found it would get wrong on a GPU
 (issue 14), the stand-in's own freezing, and the run-time guards (before the capture, after it,
-every epoch). What only a GPU can show is tests/test_cuda.py's."""
+every epoch). What only a GPU can show is tests/test_fast_step_cuda.py's."""
 import functools
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ import rundir
 import training
 from cuda_standin import StandIn, emulated_resume
 from test_fast_step import _network, _run, _state, quiet
-from test_training_loop import new_run, one_hot, tiny_data, tiny_mlp  # noqa: F401 (a fixture)
+from test_training import new_run, one_hot, tiny_data, tiny_mlp  # noqa: F401 (a fixture)
 
 CPU = torch.device("cpu")
 N, BATCH = 40, 20  # two steps an epoch
@@ -138,12 +136,17 @@ def test_standin_freezes_a_host_tensor_the_step_reads(standin):
 def test_standin_refuses_a_python_number_the_compiled_step_read(standin, monkeypatch):
     """The LR read as a Python number inside the compiled update is a constant of the captured
     kernels; a replay after it changed (epoch 2) would need a recompile: the stand-in raises."""
-    real_update = bc.Adam._update
+    real_direction, real_set = bc.Adam._direction, bc.Adam.set_learning_rate
 
-    def update(self, params, grads, state, t, indices):
-        real_update(self, params, grads, state, t, indices)
-        torch._foreach_mul_(params, 1. + 0. * self.param_groups[0]["lr"])
-    monkeypatch.setattr(bc.Adam, "_update", update)
+    def set_learning_rate(self, LR):
+        real_set(self, LR)
+        self.host_LR = LR
+
+    def direction(self, grads, state, t):
+        size, numerator, denominator = real_direction(self, grads, state, t)
+        return size * (1. + 0. * self.host_LR), numerator, denominator
+    monkeypatch.setattr(bc.Adam, "set_learning_rate", set_learning_rate)
+    monkeypatch.setattr(bc.Adam, "_direction", direction)
     torch._dynamo.reset()
     model, optimizer, step = _fresh("graph")
     with pytest.raises(RuntimeError, match="a replay recompiled the step"):

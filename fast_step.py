@@ -128,7 +128,7 @@ def set_precision(precision, device, deterministic=True):
     cuDNN's deterministic algorithms, and inductor's deterministic mode, which picks its kernels'
     block sizes by rule instead of by timing them (timing on another node, or with a cold cache
     after a requeue, could pick another order of summation). A seeded run then repeats exactly,
-    and a resumed one continues exactly, wherever it runs (README, "What is bit-exact where")."""
+    and a resumed one continues exactly, wherever it runs (docs/runs.md, "What is bit-exact where")."""
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32

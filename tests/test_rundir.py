@@ -508,6 +508,35 @@ def test_hparams_json_records_everything(work, reference):
 
 # 7. An existing run is not overwritten -------------------------------------------------------------------
 
+def test_a_directory_another_process_trains_in_is_refused_untouched(work, tmp_path):
+    """Two runs started at once on one --out_dir: the second stops at once, naming the first's
+    pid, and neither writes nor removes anything of the first's (issue 15: one's clean-up used
+    to delete the other's hparams.json and log.txt). Once the first ends, the lock is free."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "hparams.json").write_text('{"script": "mnist"}\n')  # the first run's, epoch 1
+    (out / "log.txt").write_text("Loading MNIST dataset...\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    first = subprocess.Popen(
+        [sys.executable, "-c", "import sys, rundir; rundir.lock(sys.argv[1]); print('locked', "
+         "flush=True); sys.stdin.read()", str(out)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        before[".lock"] = (out / ".lock").read_bytes()
+        p = run_mnist(work, out)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().splitlines()[-1] == (
+            f"error: {out} is in use: another process (pid {first.pid}) is training in it; wait "
+            "for it to end, or choose another --out_dir")
+        assert {q.name: q.read_bytes() for q in out.iterdir()} == before
+    finally:
+        first.stdin.close()
+        first.wait()
+    check_ok(run_mnist(work, out, num_epochs=1))  # the lock went with the process
+
+
+
 def test_existing_run_dir_without_resume_is_refused(work, reference, tmp_path):
     source, _, _ = reference(True)
     out = tmp_path / "existing"

@@ -11,6 +11,7 @@
 Every script starts with `with start_run(script, config) as run:`; the tools (evaluate,
 export, plot, results, sweep) read runs through the functions at the end of this file.
 """
+import dataclasses
 import datetime
 import fcntl
 import io
@@ -382,10 +383,30 @@ class CheckpointWriter:
             raise error
 
 
-def take_checkpoint(run, model, optimizer, state):
+@dataclasses.dataclass
+class Progress:
+    """Where the training loop stands: what a checkpoint holds besides the model, the optimizer
+    and the random streams. batch, losses and elapsed describe an epoch stopped part-way."""
+    order: np.ndarray  # the training set's shuffle (§5)
+    LR: float  # the next epoch's learning rate
+    epoch: int = 0  # epochs done
+    batch: int = 0  # batches done of the next epoch
+    losses: np.ndarray | None = None  # their training losses
+    elapsed: float = 0.  # their seconds
+    best_val_err: float = 100.
+    best_epoch: int = 1
+    test_err: float | None = None  # at best_epoch
+    test_loss: float | None = None
+    history: list = dataclasses.field(default_factory=list)  # the evaluated epochs' metrics
+    unreported: float = 0.  # seconds of the epochs since the last evaluated one (monitor_step)
+
+
+def take_checkpoint(run, model, optimizer, progress):
+    """A host-memory copy of everything a resume needs, taken at once: training can go on
+    while it is written."""
     return to_host(dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), rng=rng_states(model, run.device),
-                         hparams=run.config, **state))
+                         hparams=run.config, **dataclasses.asdict(progress)))
 
 
 def write_checkpoint(run, checkpoint, best=False):
@@ -404,9 +425,9 @@ def write_checkpoint(run, checkpoint, best=False):
                          f"then resume with: python {run.script}.py --resume={run.out_dir}")
 
 
-def save_checkpoint(run, model, optimizer, state, best=False):
+def save_checkpoint(run, model, optimizer, progress, best=False):
     """The checkpoint of this moment, written before returning."""
-    write_checkpoint(run, take_checkpoint(run, model, optimizer, state), best)
+    write_checkpoint(run, take_checkpoint(run, model, optimizer, progress), best)
 
 
 def log_metrics(run, history):
@@ -450,11 +471,9 @@ def load_checkpoint(run, model, optimizer, n_train):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     set_rng_states(model, checkpoint["rng"], run.device)
-    state = {k: checkpoint[k] for k in ("epoch", "batch", "LR", "best_val_err", "best_epoch",
-                                         "test_err", "test_loss", "history", "losses", "order")}
-    state["elapsed"] = checkpoint.get("elapsed", 0.)
-    state["unreported"] = checkpoint.get("unreported", 0.)
-    print(f"Resumed from {path}: epoch {state['epoch']} done"
-          + (f", {state['batch']} batches into epoch {state['epoch'] + 1}" if state["batch"]
+    progress = Progress(**{f.name: checkpoint[f.name] for f in dataclasses.fields(Progress)
+                           if f.name in checkpoint})
+    print(f"Resumed from {path}: epoch {progress.epoch} done"
+          + (f", {progress.batch} batches into epoch {progress.epoch + 1}" if progress.batch
              else ""))
-    return state
+    return progress

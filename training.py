@@ -15,8 +15,8 @@ from binary_connect import lr_decay, make_optimizer, squared_hinge_loss
 from fast_step import (STEP_MODES, Split, TrainStep, autocast, device_name, miscounted,
                        set_precision, set_stream_kind, step_mode)
 from report import mean32, report, str2
-from rundir import (CheckpointWriter, Interrupt, load_checkpoint, log_metrics, save_checkpoint,
-                     stop, take_checkpoint)
+from rundir import (CheckpointWriter, Interrupt, Progress, load_checkpoint, log_metrics,
+                    save_checkpoint, stop, take_checkpoint)
 
 # Rows per forward pass in evaluation: several of the original's batches at once.
 EVAL_ROWS = 1000
@@ -131,101 +131,100 @@ def train(model, data, run):
                                         "on a CPU; --compile=false skips it)"), flush=True)
     step = TrainStep(model, optimizer, train_set, batch_size, loss_reduction, mode, precision)
 
-    state = dict(epoch=0, batch=0, LR=LR_start, best_val_err=100., best_epoch=1,
-                 test_err=None, test_loss=None, history=[], losses=None, elapsed=0., unreported=0.,
-                 order=np.arange(train_set.n))
     if run.resume:
-        state = load_checkpoint(run, model, optimizer, train_set.n)
+        p = load_checkpoint(run, model, optimizer, train_set.n)
     else:
         # §5: the train set is shuffled once before epoch 1 ...
-        np.random.shuffle(state["order"])
-    log_metrics(run, state["history"])
+        p = Progress(order=np.arange(train_set.n), LR=LR_start)
+        np.random.shuffle(p.order)
+    log_metrics(run, p.history)
 
-    def evaluation(split):
+    def train_epoch(epoch, start_time):
+        """The epoch's training steps (the rest of it, after a resume); its mean loss."""
+        optimizer.set_learning_rate(p.LR)
+        model.train()
+        step.start_epoch(p.order, p.batch, p.losses)
+        counts = step.counts()
+        batches = range(p.batch, n_batches)
+        if sys.stderr.isatty() and sys.stdout.isatty():
+            from tqdm import tqdm
+            batches = tqdm(batches, desc=f"epoch {epoch}", leave=False, initial=p.batch,
+                           total=n_batches)
+        for i in batches:
+            step()
+            if interrupt.signum is not None:  # a checkpoint of the epoch so far, then stop
+                losses = step.losses[:i + 1].cpu().numpy()
+                if error := _not_finite(losses, epoch):
+                    _give_up(run, writer, error)
+                p.epoch, p.batch, p.losses = epoch - 1, i + 1, losses
+                p.elapsed = time.time() - start_time
+                writer.wait()
+                save_checkpoint(run, model, optimizer, p)
+                stop(run, interrupt.signum, f"during epoch {epoch} (after batch {i + 1} of "
+                                            f"{n_batches})")
+        losses = step.losses[:n_batches].cpu().numpy()  # the epoch's one host sync
+        if error := miscounted(step, counts, n_batches - p.batch, epoch):
+            _give_up(run, writer, error, " --compile=false")
+        if error := _not_finite(losses, epoch):
+            _give_up(run, writer, error)
+        return float(mean32(losses))
+
+    def val_epoch(split):
         with autocast(precision, device):
             return evaluate(model, split, batch_size, loss_reduction, forward=step.forward)
 
     writer = CheckpointWriter(run)
     try:
         with Interrupt() as interrupt:
-            for epoch in range(state["epoch"] + 1, num_epochs + 1):
-                start_time = time.time() - state["elapsed"]
-                LR = state["LR"]
-                optimizer.set_learning_rate(LR)
-                model.train()
-                step.start_epoch(state["order"], state["batch"], state["losses"])
-                counts = step.counts()
-                batches = range(state["batch"], n_batches)
-                if sys.stderr.isatty() and sys.stdout.isatty():
-                    from tqdm import tqdm
-                    batches = tqdm(batches, desc=f"epoch {epoch}", leave=False,
-                                   initial=state["batch"], total=n_batches)
-                for i in batches:
-                    step()
-                    if interrupt.signum is not None:
-                        losses = step.losses[:i + 1].cpu().numpy()
-                        if error := _not_finite(losses, epoch):
-                            _give_up(run, writer, error)
-                        state.update(epoch=epoch - 1, batch=i + 1, losses=losses,
-                                     elapsed=time.time() - start_time)
-                        writer.wait()
-                        save_checkpoint(run, model, optimizer, state)
-                        stop(run, interrupt.signum, f"during epoch {epoch} (after batch "
-                                                     f"{i + 1} of {n_batches})")
-                losses = step.losses[:n_batches].cpu().numpy()  # the epoch's one host sync
-                if error := miscounted(step, counts, n_batches - state["batch"], epoch):
-                    _give_up(run, writer, error, " --compile=false")
-                if error := _not_finite(losses, epoch):
-                    _give_up(run, writer, error)
-                train_loss = float(mean32(losses))
-                monitor = epoch % monitor_step == 0 or epoch == num_epochs
+            for epoch in range(p.epoch + 1, num_epochs + 1):
+                start_time = time.time() - p.elapsed
+                LR = p.LR
+                train_loss = train_epoch(epoch, start_time)
                 improved = False
-                if monitor:
+                if epoch % monitor_step == 0 or epoch == num_epochs:
                     # ... and again after each epoch's training pass (a composed permutation,
                     # exactly as the original's shuffle of the arrays).
                     perm = np.arange(train_set.n)
                     np.random.shuffle(perm)
-                    state["order"] = state["order"][perm]
+                    p.order = p.order[perm]
                     if bn_stats == "recompute":
                         recompute_bn_statistics(model, (train_set, val_set), batch_size)
-                    val_err, val_loss = evaluation(val_set)
-                    improved = val_err <= state["best_val_err"]  # ties count (§5)
+                    val_err, val_loss = val_epoch(val_set)
+                    improved = val_err <= p.best_val_err  # ties count (§5)
                     if improved:
-                        state["best_val_err"], state["best_epoch"] = val_err, epoch
-                        state["test_err"], state["test_loss"] = evaluation(test_set)
+                        p.best_val_err, p.best_epoch = val_err, epoch
+                        p.test_err, p.test_loss = val_epoch(test_set)
                     seconds = time.time() - start_time
                     # metrics.jsonl's seconds also count the epochs since its previous line
                     # (monitor_step > 1), so that they add up to the run's time
                     metrics = dict(epoch=epoch, LR=LR, train_loss=train_loss, val_loss=val_loss,
-                                   val_err=val_err, best_epoch=state["best_epoch"],
-                                   best_val_err=state["best_val_err"],
-                                   test_loss=state["test_loss"], test_err=state["test_err"],
-                                   seconds=seconds + state["unreported"])
-                    state["unreported"] = 0.
+                                   val_err=val_err, best_epoch=p.best_epoch,
+                                   best_val_err=p.best_val_err, test_loss=p.test_loss,
+                                   test_err=p.test_err, seconds=seconds + p.unreported)
+                    p.unreported = 0.
                     print(report(epoch, num_epochs, seconds, metrics))
                     if train_loss > 1000:
                         print(DIVERGING_NOTE.format(LR=str2(LR)))
-                    elif val_loss > 1000 or improved and state["test_loss"] > 1000:
+                    elif val_loss > 1000 or improved and p.test_loss > 1000:
                         print(BIG_LOSS_NOTE)
-                    state["history"].append(metrics)
+                    p.history.append(metrics)
                 else:
                     seconds = time.time() - start_time
-                    state["unreported"] += seconds
+                    p.unreported += seconds
                     print(f"Epoch {epoch} of {num_epochs} took {str2(seconds)}s (training "
                           f"loss {str2(train_loss)}; evaluated every {monitor_step} epochs)")
                     if train_loss > 1000:
                         print(DIVERGING_NOTE.format(LR=str2(LR)))
                 sys.stdout.flush()
-                state.update(epoch=epoch, batch=0, losses=None, elapsed=0.,
-                             LR=LR * LR_decay)  # §4.1
-                writer.save(take_checkpoint(run, model, optimizer, state), best=improved)
+                p.epoch, p.batch, p.losses, p.elapsed = epoch, 0, None, 0.
+                p.LR = LR * LR_decay  # §4.1
+                writer.save(take_checkpoint(run, model, optimizer, p), best=improved)
                 if interrupt.signum is not None and epoch < num_epochs:  # during evaluation
                     writer.wait()
                     stop(run, interrupt.signum, f"at the end of epoch {epoch}")
     finally:
         writer.wait()
-    best = state["history"][-1] if state["history"] else None
-    if best:
-        print(f"Best validation error rate {str2(best['best_val_err'])}% at epoch "
-              f"{best['best_epoch']}; test error rate there: {str2(best['test_err'])}%")
-    return state["history"]
+    if p.history:
+        print(f"Best validation error rate {str2(p.best_val_err)}% at epoch {p.best_epoch}; "
+              f"test error rate there: {str2(p.test_err)}%")
+    return p.history

@@ -96,9 +96,8 @@ def test_graph_mode_after_a_resume_continues_as_the_compiled_step(standin, tmp_p
     _epochs(step, optimizer, range(2))
     run = types.SimpleNamespace(path=lambda name: tmp_path / name, config={}, device=CPU,
                                 script="mnist", out_dir=tmp_path)
-    state = dict(epoch=2, batch=0, LR=0.0025, best_val_err=100., best_epoch=1, test_err=None,
-                 test_loss=None, history=[], losses=None, order=np.arange(N))
-    rundir.save_checkpoint(run, model, optimizer, state)
+    progress = rundir.Progress(order=np.arange(N), LR=0.0025, epoch=2)
+    rundir.save_checkpoint(run, model, optimizer, progress)
 
     model, optimizer, _ = _fresh("compiled")
     with emulated_resume(standin.host):

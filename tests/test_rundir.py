@@ -273,8 +273,8 @@ def tiny_training_state(tmp_path):
     torch.square(torch.clamp(1 - t * model(x), min=0)).mean().backward()
     optimizer.step()
     run = rundir.Run("mnist", dict(seed=0), tmp_path, torch.device("cpu"), resume=False)
-    state = dict(epoch=1, batch=0, LR=1e-3, best_val_err=50., best_epoch=1, test_err=40.,
-                 test_loss=0.5, history=[dict(epoch=1)], losses=None, order=np.arange(6))
+    state = rundir.Progress(order=np.arange(6), LR=1e-3, epoch=1, best_val_err=50., test_err=40.,
+                            test_loss=0.5, history=[dict(epoch=1)])
     return run, model, optimizer, state
 
 
@@ -334,7 +334,7 @@ def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, 
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.)
-    state.update(epoch=2, history=[dict(epoch=1), dict(epoch=2)])
+    state.epoch, state.history = 2, [dict(epoch=1), dict(epoch=2)]
     with monkeypatch.context() as m:
         _FullDisk(m, "last.pt", where)
         with pytest.raises(SystemExit) as e:
@@ -356,7 +356,7 @@ def test_full_disk_on_best_checkpoint_does_not_advance_last(tmp_path, monkeypatc
     import rundir
     run, model, optimizer, state = tiny_training_state(tmp_path)
     rundir.save_checkpoint(run, model, optimizer, state, best=True)
-    state.update(epoch=2, best_epoch=2, history=[dict(epoch=1), dict(epoch=2)])
+    state.epoch, state.best_epoch, state.history = 2, 2, [dict(epoch=1), dict(epoch=2)]
     with monkeypatch.context() as m:
         _FullDisk(m, "best.pt", "write")
         with pytest.raises(SystemExit):

@@ -1,6 +1,7 @@
 """The run directory: the only code that reads or writes a run's files.
 
-    hparams.json   the script, its hyperparameters, git commit, versions (as the run began)
+    hparams.json   the script, its hyperparameters, git commit, versions, working directory
+                   (as the run began)
     resumes.jsonl  one such record per resume
     log.txt        the printed report, line for line
     metrics.jsonl  one line per evaluated epoch, rewritten from the checkpoint's history
@@ -253,7 +254,8 @@ def start_run(script, config):
                   versions=dict(python=platform.python_version(), torch=torch.__version__,
                                 numpy=np.__version__),
                   device=device_name(device),
-                  started=datetime.datetime.now().isoformat(timespec="seconds"))
+                  started=datetime.datetime.now().isoformat(timespec="seconds"),
+                  cwd=os.getcwd())  # what relative paths (data_dir) are relative to
     if resume:  # hparams.json stays as the run began; each resume adds a line here
         with open(out / "resumes.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -458,3 +460,184 @@ def load_checkpoint(run, model, optimizer, n_train):
           + (f", {state['batch']} batches into epoch {state['epoch'] + 1}" if state["batch"]
              else ""))
     return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading runs: what the tools use
+#
+# evaluate, export, plot, results and sweep (and configurator, for --resume) read run directories
+# through these functions alone: one reader per kind of file, one shape, one rule for a damaged
+# file. A problem the user can fix raises RunError, whose message names the file.
+
+class RunError(Exception):
+    """A run file that is missing or damaged; the message names it and says what to do. The
+    tools print it on one line."""
+
+
+RUN_FILES = ("written by mnist.py, cifar10.py or svhn.py (hparams.json, metrics.jsonl, last.pt, "
+             "best.pt)")
+DATA_PATHS = ("data_dir", "SVHN_LOCAL_PATH")  # relative to the directory the run was started in
+# A last.pt also holds numpy RNG states; these let it load with weights_only=True (no code runs).
+NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
+    getattr(np.dtypes, n) for n in ("UInt32DType", "Int64DType", "Int32DType", "Float64DType",
+                                    "Float32DType", "UInt8DType", "BoolDType")]
+
+
+def read_record(run_dir):
+    """hparams.json: {"script", "hparams", "git_commit", "git_dirty", "versions", "device",
+    "started", "cwd"}, as the run began (cwd: since the record had it)."""
+    path = Path(run_dir) / "hparams.json"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; {run_dir} is not a run directory {RUN_FILES}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise RunError(f"{path}: not valid JSON ({e}); a training run writes it when it "
+                       "starts") from None
+    if not isinstance(record, dict) or not isinstance(record.get("hparams"), dict):
+        raise RunError(f"{path}: not the record a training run writes (a JSON object with the "
+                       "run's \"script\" and \"hparams\")")
+    return record
+
+
+def read_resumes(run_dir):
+    """resumes.jsonl: one record like hparams.json's per resume ([] for a run never resumed)."""
+    return _read_jsonl(Path(run_dir) / "resumes.jsonl")
+
+
+def read_metrics(run_dir):
+    """metrics.jsonl: one dict per evaluated epoch, [] before the first. A last line cut short
+    (a copy cut short, a run killed while writing it) is left out with one warning line on
+    stderr; a damaged line before the last is an error."""
+    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+_warned = set()  # (file, line number, text): a tool that reads a run twice warns once
+
+
+def _read_jsonl(path):
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({e.strerror or e})") from None
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for i, line in numbered:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i == numbered[-1][0]:
+            key = (str(path.resolve()), i, line)
+            if key not in _warned:
+                _warned.add(key)
+                print(f"warning: {path}: line {i}, the last, is cut short or not a JSON object "
+                      "(a copy cut short, or a run killed while writing it); it is left out",
+                      file=sys.stderr, flush=True)
+        else:
+            raise RunError(f"{path}: line {i} of {len(lines)} is not a JSON object; only a cut "
+                           "last line is left out: repair or delete that line")
+    return rows
+
+
+def is_finished(hparams, metrics):
+    """Has the run trained its last epoch? Its metrics.jsonl has the line of its num_epochs."""
+    return any(m.get("epoch") == hparams.get("num_epochs") for m in metrics)
+
+
+def find_runs(*paths):
+    """The run directories at or below each path (a run directory, or a sweep directory above
+    some): every directory holding an hparams.json, each once (as the first path reached it), in
+    the order of the paths, sorted below each."""
+    found = {}
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise RunError(f"{path}: " + ("not a directory; give run directories or a sweep "
+                                          "directory above some" if path.exists() else
+                                          "no such directory"))
+        runs = sorted(p.parent for p in path.rglob("hparams.json"))
+        if not runs:
+            raise RunError(f"{path}: no run directories (with an hparams.json) at or below it; "
+                           f"expected run directories {RUN_FILES}, or a sweep directory")
+        for run in runs:
+            found.setdefault(run.resolve(), run)
+    return list(found.values())
+
+
+def resolve_data_paths(run_dir, hparams):
+    """hparams, its relative data paths (data_dir, SVHN_LOCAL_PATH) made absolute against the
+    directory that the run was started or resumed in (the records' cwd), so that a tool finds
+    the data from anywhere. Runs recorded before the cwd was: relative to this directory."""
+    hparams = dict(hparams)
+    run_dir = Path(run_dir)
+    if not (run_dir / "hparams.json").is_file():
+        return hparams
+    records = [read_record(run_dir), *read_resumes(run_dir)]
+    for key in DATA_PATHS:
+        value = hparams.get(key)
+        if not isinstance(value, str) or not value or os.path.isabs(value) or value[0] == "~":
+            continue
+        # the last start or resume that set this value (a resume may give new data paths)
+        cwd = next((r["cwd"] for r in reversed(records) if r.get("cwd")
+                    and r.get("hparams", {}).get(key) == value), None)
+        if cwd:
+            hparams[key] = os.path.join(cwd, value)
+    return hparams
+
+
+def checkpoint_path(path, checkpoint=None):
+    """The checkpoint a tool reads: PATH itself when it is a file; in a run directory
+    <checkpoint>.pt. checkpoint None: best.pt, or last.pt where there is no best.pt yet (no
+    epoch evaluated: a run stopped in its first epoch); returns (path, whether it fell back)."""
+    path = Path(path)
+    if path.is_file():
+        return path, False
+    if not path.exists():
+        raise RunError(f"{path}: no such file or directory")
+    wanted = path / f"{checkpoint or 'best'}.pt"
+    if wanted.is_file():
+        return wanted, False
+    last = path / "last.pt"
+    if checkpoint is None and last.is_file():
+        return last, True
+    if checkpoint == "best" and last.is_file():
+        raise RunError(f"{path}: no best.pt yet (no epoch evaluated); --checkpoint=last reads "
+                       "last.pt, the run's last checkpoint")
+    if (path / "hparams.json").is_file():
+        raise RunError(f"{path}: no {wanted.name}{'' if checkpoint else ' or last.pt'}: the run "
+                       "has written no checkpoint yet")
+    raise RunError(f"{path}: no {wanted.name} in this directory; expected a run directory "
+                   f"{RUN_FILES}, or a checkpoint file")
+
+
+def read_checkpoint(path, checkpoint=None):
+    """(checkpoint dict, its path) of a run directory or checkpoint file, loaded with
+    weights_only=True: no pickled code runs. See checkpoint_path for which file; a fall back to
+    last.pt is said in one line on stderr."""
+    ckpt_path, fell_back = checkpoint_path(path, checkpoint)
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{ckpt_path}: not a checkpoint of this project (expected best.pt or "
+                       f"last.pt from a training run; torch.load says: {first})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
+            and isinstance(ckpt.get("hparams"), dict)):
+        raise RunError(f"{ckpt_path}: a torch file, but not a training checkpoint of this project "
+                       "(expected a dict with 'model' and 'hparams': best.pt or last.pt)")
+    if fell_back:
+        epoch, batch = ckpt.get("epoch"), ckpt.get("batch")
+        print(f"note: {path} has no best.pt yet (no epoch evaluated): reading last.pt, its last "
+              f"checkpoint ({epoch} epoch{'' if epoch == 1 else 's'} done"
+              + (f", {batch} batch{'' if batch == 1 else 'es'} into epoch {epoch + 1}"
+                 if batch and isinstance(epoch, int) else "") + ")", file=sys.stderr, flush=True)
+    return ckpt, ckpt_path

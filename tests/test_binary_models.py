@@ -26,8 +26,8 @@ from binary_connect import binary_layers
 from configurator import hyperparameters
 
 
-def run(*args, check=True):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+def run(*args, check=True, cwd=ROOT):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -404,6 +404,54 @@ def test_bad_inputs_in_process(runs, tmp_path, capsys):
     assert str(missing) in fails(infer, npz, f"--data_dir={missing}")
     assert ".npz" in fails(export, runs["det"], tmp_path / "x.bin")
     assert "--modes=best" in fails(evaluate, runs["det"], "--modes=best")
+
+
+def test_a_run_with_only_last_pt(runs, tmp_path, capsys):
+    """Issue 15: a run stopped before its first evaluation (only last.pt): evaluate.py and
+    export.py read last.pt, each saying so in the same note; --checkpoint=best, asked for,
+    says how to read last.pt."""
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    for name in ("hparams.json", "last.pt"):
+        (run_dir / name).write_bytes((runs["det"] / name).read_bytes())
+    note = (f"note: {run_dir} has no best.pt yet (no epoch evaluated): reading last.pt, its last "
+            "checkpoint (2 epochs done)\n")
+    assert evaluate.main([str(run_dir), "--device=cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert err == note and out.startswith(f"{run_dir / 'last.pt'}: mnist, ")
+    assert export.main([str(run_dir), str(tmp_path / "m.npz")]) == 0
+    out, err = capsys.readouterr()
+    assert err == note and "smaller" in out
+    assert infer.load(tmp_path / "m.npz").meta["source"]["checkpoint"] == str(run_dir / "last.pt")
+    for tool, args in ((evaluate, []), (export, [str(tmp_path / "n.npz")])):
+        assert tool.main([str(run_dir), *args, "--checkpoint=best"]) == 2
+        assert capsys.readouterr().err == (f"error: {run_dir}: no best.pt yet (no epoch "
+                                           "evaluated); --checkpoint=last reads last.pt, the "
+                                           "run's last checkpoint\n")
+
+
+def test_a_relative_data_dir_from_another_directory(tmp_path):
+    """Issue 15: a run trained with a relative --data_dir could not be evaluated or inferred
+    from another directory. Its record keeps the directory it was started in (cwd), and the
+    tools read the data from there."""
+    work = tmp_path / "work"
+    write_fake_mnist(work / "data", n_train=300, n_test=100)
+    run(ROOT / "mnist.py", "--data_dir=data", "--verify_checksums=False", "--train_set_size=200",
+        "--num_units=16", "--num_epochs=1", "--batch_size=50", "--device=cpu", "--compile=false",
+        "--out_dir=run", cwd=work)
+    run_dir = work / "run"
+    record = json.loads((run_dir / "hparams.json").read_text())
+    assert record["cwd"] == str(work) and record["hparams"]["data_dir"] == "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run(ROOT / "evaluate.py", run_dir, cwd=elsewhere)
+    test_err = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    test_err = test_err["test_err"]
+    assert math.isclose(report_value(proc.stdout, "test error rate:"), test_err, abs_tol=1e-4)
+    run(ROOT / "export.py", run_dir, "m.npz", cwd=elsewhere)
+    assert infer.load(elsewhere / "m.npz").meta["data"]["data_dir"] == str(work / "data")
+    proc = run(ROOT / "infer.py", "elsewhere/m.npz", cwd=tmp_path)  # no data/ here either
+    assert math.isclose(report_value(proc.stdout, "test error rate:"), test_err, abs_tol=1e-4)
 
 
 def test_export_checks_the_output_name_before_reading_the_run(tmp_path):

@@ -10,7 +10,9 @@ other than the seed and where things are (NOT_IN_ROW); each group is one row: th
 sample std (n - 1) and n, beside the paper's number. The row is named by what its hyperparameters
 make it (binary, stochastic, dropout; the MNIST protocol), not by its directory names. Unfinished
 runs are listed under the table, not averaged. A seed counts once in a row: a second directory
-with the same run (a copy) is named under the table and left out.
+with the same run (a copy) is named under the table and left out. The runs are read by rundir's
+readers, as every tool reads them: a metrics.jsonl whose last line is cut short (a copy cut short)
+is read without that line, with a warning; a run that cannot be read is named under the table.
 """
 import argparse
 import csv

@@ -144,7 +144,8 @@ def held(run_dir):
 
 def progress(run_dir):
     """start (no checkpoint), resume (a checkpoint, not finished) or done (its last epoch is in
-    metrics.jsonl). A damaged record is resumed: the script rewrites metrics.jsonl."""
+    metrics.jsonl). A run whose records cannot be read is resumed: the resume rewrites
+    metrics.jsonl, or names the damaged hparams.json."""
     if not (Path(run_dir) / "last.pt").exists():
         return "start"
     try:

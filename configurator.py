@@ -11,7 +11,6 @@ import ast
 import contextlib
 import inspect
 import io
-import json
 import re
 import sys
 import textwrap
@@ -238,11 +237,12 @@ def _resume(config, explicit, origin, script):
     if not (run_dir / "last.pt").exists():
         raise ConfigError(f"--resume={run_dir}: no checkpoint {run_dir / 'last.pt'} to resume")
     path = run_dir / "hparams.json"
+    from rundir import RunError, read_record  # here: rundir imports this module
     try:
-        record = json.loads(path.read_text())
-        stored = record["hparams"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"--resume={config['resume']}: cannot read {path} ({e})") from None
+        record = read_record(run_dir)
+    except RunError as e:
+        raise ConfigError(f"--resume={config['resume']}: {e}") from None
+    stored = record["hparams"]
     made_by = record.get("script")
     if made_by and made_by != script:
         raise ConfigError(f"--resume={config['resume']}: that run was made by {made_by}.py; "

@@ -11,99 +11,57 @@ paper's test-time choices (paper section 2, §8.2):
                        [--samples=10] [--seed=1234] [--data_dir=...] [--SVHN_LOCAL_PATH=...]
 
 Defaults: stochastic BC gets all three modes side by side, deterministic BC its sign, a binary=False
-network its real weights. The network is rebuilt as its run built it (the script named in the run's
-hparams.json), the data read from the run's paths unless --data_dir / --SVHN_LOCAL_PATH say where it
-is now. Errors and losses follow the training report's rules (full batches of the run's batch_size,
-the last partial batch dropped; §5).
+network its real weights; best.pt, or last.pt (with a note) for a run that has evaluated no epoch
+yet. The network is rebuilt as its run built it (the script named in the run's hparams.json), the
+data read from the run's paths (a relative one from the directory the run was started in) unless
+--data_dir / --SVHN_LOCAL_PATH say where it is now. Errors and losses follow the training report's
+rules (full batches of the run's batch_size, the last partial batch dropped; §5).
 """
 import argparse
 import copy
 import importlib
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from checkpoints import read_checkpoint
+from rundir import RunError, read_record, resolve_data_paths
+
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = ("mnist", "cifar10", "svhn")
-MODES = ("real", "sign", "ensemble")
+TEST_MODES = ("real", "sign", "ensemble")
 MODE_TITLES = {
     "real": "real-valued weights W",
     "sign": "sign of W (W >= 0 -> +H)",
     "ensemble": "mean output of {samples} sampled binary network{s} (seed {seed})",
 }
-# A last.pt also holds numpy RNG states; these let it load with weights_only=True (no code runs).
-NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype] + [
-    getattr(np.dtypes, n) for n in ("UInt32DType", "Int64DType", "Int32DType", "Float64DType",
-                                    "Float32DType", "UInt8DType", "BoolDType")]
 
 
 class UserError(Exception):
-    """A problem the user can fix (a wrong path, a file of the wrong kind); main() prints it on one
-    line and exits 2."""
+    """A problem the user can fix (a bad option); main() prints it on one line and exits 2, as it
+    does a RunError (a run file missing or damaged)."""
 
 
-def find_checkpoint(path, checkpoint="best"):
-    """RUN_DIR -> RUN_DIR/<checkpoint>.pt; a file is taken as it is."""
-    path = Path(path)
-    if path.is_dir():
-        ckpt = path / f"{checkpoint}.pt"
-        if not ckpt.is_file():
-            raise UserError(f"{path}: no {ckpt.name} in this directory; expected a run directory "
-                            "written by mnist.py, cifar10.py or svhn.py, or a checkpoint file")
-        return ckpt
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    return path
+def load_trained(path, checkpoint=None, script=None, overrides=None):
+    """Rebuild a run's network and load its weights (checkpoints.read_checkpoint: best.pt, or last.pt
+    where no epoch has been evaluated yet, unless `checkpoint` says which).
 
-
-def load_checkpoint(path):
-    """A best.pt or last.pt of this project, loaded without running any pickled code."""
-    try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a checkpoint of this project (expected best.pt or last.pt "
-                        f"from a training run; torch.load says: {first})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
-            and isinstance(ckpt.get("hparams"), dict)):
-        raise UserError(f"{path}: a torch file, but not a training checkpoint of this project "
-                        "(expected a dict with 'model' and 'hparams': best.pt or last.pt)")
-    return ckpt
-
-
-def run_record(ckpt_path, script=None):
-    """The run's hparams.json beside the checkpoint; it names the script that built the model."""
-    path = Path(ckpt_path).parent / "hparams.json"
-    record = {}
-    if path.is_file():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: unreadable ({e})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}: expected the JSON object a training run writes")
+    Returns (model in eval mode on the CPU, hparams with `overrides` applied, script name, the
+    checkpoint dict, the checkpoint's path)."""
+    ckpt, ckpt_path = read_checkpoint(path, checkpoint)
+    run_dir = ckpt_path.parent
+    record = read_record(run_dir) if (run_dir / "hparams.json").is_file() else {}
     script = script or record.get("script")
     if script is None:
         raise UserError(f"{ckpt_path}: no hparams.json beside it to say which script built the "
                         f"network; pass --script={'|'.join(SCRIPTS)}")
     if script not in SCRIPTS:
-        raise UserError(f"{path}: script {script!r} is not one of {', '.join(SCRIPTS)}")
-    return script, record
-
-
-def load_trained(path, checkpoint="best", script=None, overrides=None):
-    """Rebuild a run's network and load its weights.
-
-    Returns (model in eval mode on the CPU, hparams with `overrides` applied, script name, the
-    checkpoint dict, the checkpoint's path)."""
-    ckpt_path = find_checkpoint(path, checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    script, _ = run_record(ckpt_path, script)
-    hp = dict(ckpt["hparams"])
+        raise UserError(f"{run_dir / 'hparams.json'}: script {script!r} is not one of "
+                        f"{', '.join(SCRIPTS)}")
+    # the data paths as the run meant them, wherever this runs; then what the user says
+    hp = resolve_data_paths(run_dir, ckpt["hparams"])
     hp.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -162,14 +120,14 @@ def ensemble(model, samples, generator):
 def default_modes(hp):
     if not hp.get("binary", True):
         return ["real"]
-    return list(MODES) if hp.get("stochastic", True) else ["sign"]
+    return list(TEST_MODES) if hp.get("stochastic", True) else ["sign"]
 
 
 def parse_modes(text, hp):
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in TEST_MODES]
     if bad or not modes:
-        raise UserError(f"--modes={text}: choose from {', '.join(MODES)} (comma-separated)")
+        raise UserError(f"--modes={text}: choose from {', '.join(TEST_MODES)} (comma-separated)")
     if not hp.get("binary", True) and modes != ["real"]:
         raise UserError(f"--modes={text}: a binary=False network has only real weights; "
                         "use --modes=real")
@@ -233,8 +191,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="for a RUN_DIR: best.pt (the best validation epoch, default) or last.pt")
+    p.add_argument("--checkpoint", choices=("best", "last"),
+                   help="for a RUN_DIR: best.pt (the best validation epoch) or last.pt (default: "
+                        "best.pt, or last.pt while no epoch has been evaluated, with a note)")
     p.add_argument("--modes", help="comma-separated, from real, sign, ensemble (default: all three "
                                    "for stochastic BC, sign for deterministic BC, real otherwise)")
     p.add_argument("--samples", type=int, default=10, help="K for the ensemble mode (default 10)")
@@ -285,7 +244,7 @@ def main(argv=None):
                                  args.samples, args.seed)
         for mode in modes:
             print(format_block(mode_title(mode, hp, args.samples, args.seed), results[mode]))
-    except UserError as e:
+    except (UserError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from atomic import atomic_write
 from evaluate import UserError, load_trained
 from infer import FORMAT, FORMAT_VERSION
+from rundir import RunError
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
 STOCHASTIC_NOTE = ("stochastic BC network exported as the sign of its real-valued weights "
@@ -185,7 +186,7 @@ def save_npz(path, arrays):
         raise UserError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
-def export(path, out, checkpoint="best", data_dir=None, script=None, log=print):
+def export(path, out, checkpoint=None, data_dir=None, script=None, log=print):
     """Export the run's checkpoint to `out`; returns (npz bytes, float32 state-dict bytes)."""
     from results import variant
     _check_name(out)  # before the checkpoint is read: that can take a while
@@ -197,8 +198,8 @@ def export(path, out, checkpoint="best", data_dir=None, script=None, log=print):
     pre, extra = preprocessing(script, hp, data_dir)
     data = {k: hp[k] for k in ("data_dir", "SVHN_LOCAL_PATH", "train_set_size",
                                "verify_checksums", "batch_size") if k in hp}
-    if data_dir is not None:
-        data["data_dir" if script != "svhn" else "SVHN_LOCAL_PATH"] = str(data_dir)
+    if data_dir is not None:  # absolute, like the run's own (rundir.resolve_data_paths)
+        data["data_dir" if script != "svhn" else "SVHN_LOCAL_PATH"] = os.path.abspath(data_dir)
     meta = dict(dataset=script, variant=variant(hp), preprocessing=pre, data=data,
                 weights=STOCHASTIC_NOTE if stochastic else
                 "deterministic BC: the sign of W (W >= 0 -> +H), as the network evaluates",
@@ -221,8 +222,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("out", metavar="OUT.npz")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="for a RUN_DIR: best.pt (default) or last.pt")
+    p.add_argument("--checkpoint", choices=("best", "last"),
+                   help="for a RUN_DIR: best.pt or last.pt (default: best.pt, or last.pt while "
+                        "no epoch has been evaluated, with a note)")
     p.add_argument("--data_dir", help="MNIST: where the training file is now, for its pixel mean "
                                       "(default: the run's data_dir); stored as infer.py's default")
     p.add_argument("--script", choices=tuple(INPUT_SHAPES),
@@ -231,7 +233,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         export(args.path, args.out, args.checkpoint, args.data_dir, args.script)
-    except UserError as e:
+    except (UserError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -3,10 +3,13 @@
     python plot.py RUN_DIR [RUN_DIR ...] [--out=DIR] [--layer=0] [--checkpoint=best|last]
     python plot.py --figures RUN_DIR [RUN_DIR ...] [--out=DIR] [--units=36]
 
+A RUN_DIR may be a folder above run directories (a sweep directory): every run below it is drawn.
 Per run (the first form):
   curves.png                training loss (dotted, log scale, top panel) and validation error
                             (solid, bottom panel) per epoch, one colour per run;
-  weights_hist_<run>.png    the histogram of one binary layer's real-valued weights.
+  weights_hist_<run>.png    the histogram of one binary layer's real-valued weights (best.pt, or
+                            last.pt while no epoch has been evaluated); <run> is the run's path
+                            below the runs' common folder, e.g. mnist_det_bc-seed1 in a sweep.
 
 The paper's figures (--figures), one panel or one colour per variant (No regularizer, 50% Dropout,
 BinaryConnect (det.), BinaryConnect (stoch.): results.variant, from each run's hyperparameters):
@@ -17,7 +20,7 @@ BinaryConnect (det.), BinaryConnect (stoch.): results.variant, from each run's h
                             (solid) per epoch (CIFAR-10 runs).
 """
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,55 +28,54 @@ import matplotlib
 matplotlib.use("Agg")  # a tool for headless machines: never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from atomic import atomic_write
 from results import variant
+from checkpoints import checkpoint_path, read_checkpoint
+from rundir import RunError, find_runs, read_metrics, read_record
 
 # Below this many epochs every point gets a marker: a one-epoch curve is a single point, which a
 # line alone does not draw.
 MARKER_EPOCHS = 30
 
 
-class RunError(Exception):
-    """A problem with a run directory that the user can fix; main() prints it and exits 2."""
-
-
-def load_run(run_dir):
-    """Return (hparams.json dict, list of per-epoch metric dicts) of a run directory."""
-    run_dir = Path(run_dir)
-    missing = [n for n in ("hparams.json", "metrics.jsonl") if not (run_dir / n).is_file()]
-    if missing:
-        raise RunError(f"{run_dir}: missing {', '.join(missing)}; expected a run directory written "
-                       "by the training scripts (hparams.json, metrics.jsonl, last.pt, best.pt)")
-    try:
-        hparams = json.loads((run_dir / "hparams.json").read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{run_dir / 'hparams.json'}: not valid JSON ({e})") from None
-    lines = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    metrics = []
-    for i, line in enumerate(lines):
-        try:
-            metrics.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a run still training may be half-way through writing this line
-                break
-            raise RunError(f"{run_dir / 'metrics.jsonl'}: line {i + 1} is not valid JSON") from None
+def curve_metrics(run_dir):
+    """The run's metrics.jsonl lines (rundir.read_metrics), each holding what a curve needs."""
+    path = Path(run_dir) / "metrics.jsonl"
+    metrics = read_metrics(run_dir)
     if not metrics:
-        raise RunError(f"{run_dir / 'metrics.jsonl'}: no epochs recorded yet")
+        raise RunError(f"{path}: " + ("no epochs recorded yet" if path.exists() else
+                                      "missing: the run has finished no epoch yet"))
     for i, m in enumerate(metrics):
         lacking = [k for k in ("epoch", "train_loss", "val_err") if k not in m]
         if lacking:
-            raise RunError(f"{run_dir / 'metrics.jsonl'}: line {i + 1} lacks {', '.join(lacking)}")
-    return hparams, metrics
+            raise RunError(f"{path}: line {i + 1} lacks {', '.join(lacking)}")
+    return metrics
+
+
+def run_names(run_dirs):
+    """A name for each run, no two alike: its path below the runs' common folder, '/' as '-'
+    (a sweep's mnist_det_bc/seed1 is mnist_det_bc-seed1); one run alone, its folder's name."""
+    full = [Path(d).resolve() for d in run_dirs]
+    common = Path(os.path.commonpath(full)) if len(full) > 1 else None
+    names = []
+    for d in full:
+        name = "-".join(d.relative_to(common).parts) if common else ""
+        name = name or d.name
+        while name in names:  # a folder named "a-b" beside a/b
+            name += "_"
+        names.append(name)
+    return names
 
 
 def _labels(runs):
-    """Variant names, with the run directory's name added where two runs share a variant."""
-    names = [variant(hp) for _, hp in runs]
-    return [name + (f" ({Path(d).resolve().name})" if names.count(name) > 1 else "")
-            for (d, _), name in zip(runs, names)]
+    """Variant names, with the run's name (run_names) added where two runs share a variant."""
+    names = [variant(record) for _, record in runs]
+    return [name + (f" ({short})" if names.count(name) > 1 else "")
+            for name, short in zip(names, run_names([d for d, _ in runs]))]
 
 
 def _save(fig, out_path):
@@ -89,7 +91,7 @@ def _save(fig, out_path):
 def curves_figure(run_dirs, title=None):
     """Two panels over the epochs: the training loss (squared hinge, log scale, dotted) above and
     the validation error (%, solid) below, one colour per run, one legend outside the data."""
-    loaded = [(Path(d), *load_run(d)) for d in run_dirs]
+    loaded = [(Path(d), read_record(d), curve_metrics(d)) for d in run_dirs]
     labels = _labels([(d, hp) for d, hp, _ in loaded])
     fig, (ax_loss, ax_err) = plt.subplots(2, 1, sharex=True, figsize=(8, 6.5),
                                           gridspec_kw=dict(height_ratios=(1, 1)))
@@ -142,25 +144,12 @@ def plot_curves(run_dirs, out_path, title=None):
 # ---------------------------------------------------------------------------------------------
 # First-layer weights (Figures 1 and 2, and one run's histogram)
 
-def layer_weights(run_dir, layer=0, checkpoint="best"):
-    """(name, shape, real-valued weights as a float32 array) of a run's `layer`-th dense/conv
-    layer in its checkpoint."""
-    run_dir = Path(run_dir)
-    path = run_dir / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no {path.name} (checkpoints are written by the training scripts)")
-    import torch  # imported here: curves alone should not pay torch's import time
-    from evaluate import NUMPY_GLOBALS
-    try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise RunError(f"{path}: cannot be loaded as a torch checkpoint ({type(e).__name__}: "
-                       f"{first})") from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise RunError(f"{path}: expected a dict with a 'model' state_dict")
+def layer_weights(run_dir, layer=0, checkpoint=None):
+    """(name, shape, real-valued weights as a float32 array, the checkpoint's file name) of a
+    run's `layer`-th dense/conv layer in its checkpoint (checkpoints.read_checkpoint: best.pt, or
+    last.pt where no epoch has been evaluated yet, unless `checkpoint` says which)."""
+    ckpt, path = read_checkpoint(run_dir, checkpoint)
+    state = ckpt["model"]
     # The dense/conv layers are the only ones with a >= 2-D floating ".weight" (BN has
     # beta/gamma/mean/std, a binary layer's stream buffers are not floating).
     layers = [(k, v) for k, v in state.items() if k.endswith(".weight") and torch.is_tensor(v)
@@ -169,7 +158,7 @@ def layer_weights(run_dir, layer=0, checkpoint="best"):
         raise RunError(f"{path}: --layer={layer} out of range; layers: "
                        + ", ".join(f"{i}={k} {tuple(v.shape)}" for i, (k, v) in enumerate(layers)))
     key, w = layers[layer]
-    return key, tuple(w.shape), w.detach().float().numpy()
+    return key, tuple(w.shape), w.detach().float().numpy(), path.name
 
 
 def _span(hparams, w):
@@ -192,10 +181,10 @@ def draw_histogram(ax, w, span, binary):
     ax.set_ylabel("count")
 
 
-def plot_weight_histogram(run_dir, out_path, layer=0, checkpoint="best"):
+def plot_weight_histogram(run_dir, out_path, layer=0, checkpoint=None, name=None):
     run_dir = Path(run_dir)
-    hparams, _ = load_run(run_dir)
-    key, shape, w = layer_weights(run_dir, layer, checkpoint)
+    hparams = read_record(run_dir)
+    key, shape, w, source = layer_weights(run_dir, layer, checkpoint)
     binary = hparams.get("hparams", {}).get("binary", True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw_histogram(ax, w, _span(hparams, w), binary)
@@ -203,7 +192,7 @@ def plot_weight_histogram(run_dir, out_path, layer=0, checkpoint="best"):
         ax.legend(handles=[Line2D([], [], color="gray", ls="--", label="clip bounds -H, +H")],
                   loc="upper center")
     ax.set_title(f"{variant(hparams)}: {key} {shape} "
-                 f"({checkpoint}.pt, {run_dir.resolve().name})")
+                 f"({source}, {name or run_dir.resolve().name})")
     fig.tight_layout()
     _save(fig, out_path)
 
@@ -222,23 +211,28 @@ def _panel_grid(n, width, height):
 
 
 def _first_layers(run_dirs, checkpoint):
-    runs = [(Path(d), load_run(d)[0]) for d in run_dirs]
+    runs = [(Path(d), read_record(d)) for d in run_dirs]
     return [(d, hp, label, layer_weights(d, 0, checkpoint))
             for (d, hp), label in zip(runs, _labels(runs))]
 
 
-def histograms_figure(run_dirs, checkpoint="best"):
+def _sources(runs):
+    """The checkpoint files the panels come from: best.pt, last.pt or both."""
+    return "/".join(sorted({source for *_, (_, _, _, source) in runs}))
+
+
+def histograms_figure(run_dirs, checkpoint=None):
     """Figure 2: one histogram panel per run of its first layer's real-valued weights."""
     runs = _first_layers(run_dirs, checkpoint)
     fig, axes = _panel_grid(len(runs), 4.4, 3.6)
     any_binary = False
-    for ax, (d, hp, label, (key, shape, w)) in zip(axes, runs):
+    for ax, (d, hp, label, (key, shape, w, _)) in zip(axes, runs):
         binary = hp.get("hparams", {}).get("binary", True)
         any_binary |= bool(binary)
         draw_histogram(ax, w, _span(hp, w), binary)
         ax.set_title(label)
     fig.suptitle(f"Figure 2: first-layer weights ({shape[1]} inputs x {shape[0]} units, "
-                 f"{checkpoint}.pt)")
+                 f"{_sources(runs)})")
     fig.tight_layout()
     if any_binary:
         fig.legend(handles=[Line2D([], [], color="gray", ls="--", label="clip bounds -H, +H")],
@@ -246,20 +240,20 @@ def histograms_figure(run_dirs, checkpoint="best"):
     return fig
 
 
-def features_figure(run_dirs, units=36, checkpoint="best"):
+def features_figure(run_dirs, units=36, checkpoint=None):
     """Figure 1: one panel per run, a mosaic of the first `units` first-layer units, each unit's
     784 real-valued weights as a 28x28 image (white positive, black negative), each panel on a
     symmetric scale of its own: [-H, H] for binary runs, the 99.5th percentile of |W| otherwise."""
     runs = _first_layers(run_dirs, checkpoint)
-    for d, hp, label, (key, shape, w) in runs:
+    for d, hp, label, (key, shape, w, _) in runs:
         if len(shape) != 2 or shape[1] != 784:
             raise RunError(f"{d}: its first layer {key} has shape {shape}; Figure 1 needs the "
                            "MNIST MLP's (units, 784)")
-    n = min(units, min(shape[0] for *_, (_, shape, _) in runs))
+    n = min(units, min(shape[0] for *_, (_, shape, _, _) in runs))
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     fig, axes = _panel_grid(len(runs), 3.8, 3.9)
-    for ax, (d, hp, label, (key, shape, w)) in zip(axes, runs):
+    for ax, (d, hp, label, (key, shape, w, _)) in zip(axes, runs):
         binary = hp.get("hparams", {}).get("binary", True)
         # Real-valued networks have no clip bound; a few large weights would wash out the rest.
         span = _span(hp, w[:n]) if binary else float(np.percentile(np.abs(w[:n]), 99.5) or 1.)
@@ -275,18 +269,18 @@ def features_figure(run_dirs, units=36, checkpoint="best"):
         ax.set_title(label)
         ax.set_xlabel(f"units 0-{n - 1}, 28x28 weights each")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="weight")
-    fig.suptitle(f"Figure 1: first-layer features of the MNIST MLP ({checkpoint}.pt)")
+    fig.suptitle(f"Figure 1: first-layer features of the MNIST MLP ({_sources(runs)})")
     fig.tight_layout()
     return fig
 
 
-def paper_figures(run_dirs, out, units=36, checkpoint="best", log=print):
+def paper_figures(run_dirs, out, units=36, checkpoint=None, log=print):
     """Writes Figures 1 and 2 from the MNIST runs and Figure 3 from the CIFAR-10 runs among
     `run_dirs`; returns the paths written."""
     out = Path(out)
     by_script = {}
     for d in run_dirs:
-        by_script.setdefault(load_run(d)[0].get("script"), []).append(d)
+        by_script.setdefault(read_record(d).get("script"), []).append(d)
     others = sorted(str(s) for s in by_script if s not in ("mnist", "cifar10"))
     if others:
         log(f"note: runs of {', '.join(others)} are in no paper figure (Figures 1-2: mnist, "
@@ -313,39 +307,42 @@ def paper_figures(run_dirs, out, units=36, checkpoint="best", log=print):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, or folders above them (sweep directories)")
     p.add_argument("--out", help="output directory (default: the first RUN_DIR)")
     p.add_argument("--layer", type=int, default=0, help="which binary layer to histogram (0 = first)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", choices=("best", "last"),
+                   help="the weights of best.pt or last.pt (default: best.pt, or last.pt while no "
+                        "epoch has been evaluated, with a note)")
     p.add_argument("--figures", action="store_true",
                    help="draw the paper's Figures 1-3 instead of the per-run plots")
     p.add_argument("--units", type=int, default=36, help="Figure 1: units shown per variant")
     args = p.parse_args(argv)
     out = Path(args.out or args.run_dirs[0])
     try:
-        for d in args.run_dirs:
-            load_run(d)  # check every directory before writing anything
+        runs = find_runs(*args.run_dirs)
+        for d in runs:  # check every run before writing anything
+            read_record(d)
+            curve_metrics(d)
         if args.figures:
             if args.units < 1:
                 raise RunError(f"--units={args.units}: must be at least 1")
-            for path in paper_figures(args.run_dirs, out, args.units, args.checkpoint,
+            for path in paper_figures(runs, out, args.units, args.checkpoint,
                                       log=lambda s: print(s, file=sys.stderr)):
                 print(path)
             return 0
         out.mkdir(parents=True, exist_ok=True)
-        plot_curves(args.run_dirs, out / "curves.png")
+        plot_curves(runs, out / "curves.png")
         print(out / "curves.png")
-        used = set()
-        for d in args.run_dirs:
-            if not (Path(d) / f"{args.checkpoint}.pt").is_file():
-                print(f"note: {d}: no {args.checkpoint}.pt, no weight histogram", file=sys.stderr)
+        for d, name in zip(runs, run_names(runs)):
+            try:
+                checkpoint_path(d, args.checkpoint)
+            except RunError as e:
+                print(f"note: {e}; no weight histogram", file=sys.stderr)
                 continue
-            name = Path(d).resolve().name
-            while name in used:  # two runs named alike in different parents
-                name += "_"
-            used.add(name)
             path = out / f"weights_hist_{name}.png"
-            plot_weight_histogram(d, path, layer=args.layer, checkpoint=args.checkpoint)
+            plot_weight_histogram(d, path, layer=args.layer, checkpoint=args.checkpoint,
+                                  name=name)
             print(path)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,18 +10,20 @@ other than the seed and where things are (NOT_IN_ROW); each group is one row: th
 sample std (n - 1) and n, beside the paper's number. The row is named by what its hyperparameters
 make it (binary, stochastic, dropout; the MNIST protocol), not by its directory names. Unfinished
 runs are listed under the table, not averaged. A seed counts once in a row: a second directory
-with the same run (a copy) is named under the table and left out.
+with the same run (a copy) is named under the table and left out. The runs are read by rundir's
+readers, as every tool reads them: a metrics.jsonl whose last line is cut short (a copy cut short)
+is read without that line, with a warning; a run that cannot be read is named under the table.
 """
 import argparse
 import csv
 import io
-import json
 import runpy
 import statistics
 import sys
 from pathlib import Path
 
 from configurator import hyperparameters
+from rundir import RunError, find_runs, is_finished, read_metrics, read_record, read_resumes
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR-10", "svhn": "SVHN"}
@@ -79,31 +81,15 @@ def paper_mnist_protocol():
     return {**defaults("mnist"), **hyperparameters(scope)}
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def finished(metrics, num_epochs):
-    return any(m.get("epoch") == num_epochs for m in metrics)
-
-
-def run_is_finished(run_dir):
-    """For sweep.py: has this run directory trained its last epoch?"""
-    run_dir = Path(run_dir)
-    try:
-        num_epochs = json.loads((run_dir / "hparams.json").read_text())["hparams"]["num_epochs"]
-        return finished(read_jsonl(run_dir / "metrics.jsonl"), num_epochs)
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def load_run(run_dir):
-    record = json.loads((run_dir / "hparams.json").read_text())
+def run_summary(run_dir):
+    """What the table needs of one run, read through rundir: its hyperparameters (the script's
+    defaults filled in), its metrics, whether it finished, its hours, devices and code."""
+    record = read_record(run_dir)
     hp = {**defaults(record["script"]), **record["hparams"]}
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    records = [record] + read_jsonl(run_dir / "resumes.jsonl")  # one per start or resume
+    metrics = read_metrics(run_dir)
+    records = [record] + read_resumes(run_dir)  # one per start or resume
     return dict(dir=run_dir, script=record["script"], hparams=hp, metrics=metrics,
-                finished=finished(metrics, hp["num_epochs"]),
+                finished=is_finished(hp, metrics),
                 hours=sum(m["seconds"] for m in metrics) / 3600,
                 # a run resumed elsewhere: its epochs' devices are not recorded one by one
                 devices=" + ".join(sorted({r.get("device") or "?" for r in records})),
@@ -189,20 +175,17 @@ def group(runs):
     return table
 
 
-def find_runs(paths):
-    found, notes = {}, []
-    for path in map(Path, paths):
-        if not path.is_dir():
-            sys.exit(f"results.py: {path} is not a directory")
-        for record in sorted(path.rglob("hparams.json")):
-            run_dir = record.parent.resolve()
-            if run_dir in found:
-                continue
-            try:
-                found[run_dir] = load_run(record.parent)
-            except (OSError, ValueError, KeyError) as e:
-                notes.append(f"skipped {record.parent}: unreadable ({type(e).__name__}: {e})")
-    return list(found.values()), notes
+def read_runs(paths):
+    """The runs at or below `paths` (rundir.find_runs), each read once; an unreadable one is
+    left out and named in the notes."""
+    runs, notes = [], []
+    for run_dir in find_runs(*paths):
+        try:
+            runs.append(run_summary(run_dir))
+        except (RunError, OSError, ValueError, KeyError) as e:
+            why = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+            notes.append(f"Skipped {run_dir}: unreadable ({why}).")
+    return runs, notes
 
 
 def error_text(row):
@@ -300,10 +283,13 @@ def main(argv=None):
                         help="run directories, or folders above them (sweep directories)")
     parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
     args = parser.parse_args(argv)
-    runs, notes = find_runs(args.run_dirs)
+    try:
+        runs, notes = read_runs(args.run_dirs)
+    except RunError as e:
+        sys.exit(f"results.py: {e}")
     if not runs:
-        sys.exit("results.py: no run directories (with an hparams.json) under "
-                 + " ".join(args.run_dirs))
+        sys.exit("\n".join(notes + ["results.py: no readable run directories under "
+                                     + " ".join(args.run_dirs)]))
     done = [r for r in runs if r["finished"]]
     rows = group(done)
     lines = notes_for(rows, [r for r in runs if not r["finished"]], notes)

@@ -1,6 +1,7 @@
 """The run directory: the only code that reads or writes a run's files.
 
-    hparams.json   the script, its hyperparameters, git commit, versions (as the run began)
+    hparams.json   the script, its hyperparameters, git commit, versions, working directory
+                   (as the run began)
     resumes.jsonl  one such record per resume
     log.txt        the printed report, line for line
     metrics.jsonl  one line per evaluated epoch, rewritten from the checkpoint's history
@@ -9,9 +10,9 @@
     .lock          held while a script trains in it
 
 Every script starts with `with start_run(script, config) as run:`; the tools (evaluate,
-export, plot, results, sweep) read runs through the functions at the end of this file.
+export, plot, results, sweep) read runs through the functions at the end of this file. The
+checkpoints, last.pt and best.pt, are checkpoints.py's.
 """
-import dataclasses
 import datetime
 import fcntl
 import io
@@ -22,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +30,9 @@ import torch
 
 from atomic import atomic_write
 from bc_datasets import DatasetError
-from binary_connect import binary_layers, lr_decay
-from fast_step import device_name, select_device, to_host
+from binary_connect import lr_decay
+from fast_step import device_name, select_device
 from report import str2
-
-# 2: optimizer state as tensors ("step"), the layers' draw counters in the model, the stream kind.
-CHECKPOINT_VERSION = 2
 
 
 class Tee(io.TextIOBase):
@@ -254,7 +251,8 @@ def start_run(script, config):
                   versions=dict(python=platform.python_version(), torch=torch.__version__,
                                 numpy=np.__version__),
                   device=device_name(device),
-                  started=datetime.datetime.now().isoformat(timespec="seconds"))
+                  started=datetime.datetime.now().isoformat(timespec="seconds"),
+                  cwd=os.getcwd())  # what relative paths (data_dir) are relative to
     if resume:  # hparams.json stays as the run began; each resume adds a line here
         with open(out / "resumes.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -305,131 +303,6 @@ def stop(run, signum, where):
 
 
 
-# ------------------------------------------------------------------------------------------------
-# Random-stream state: numpy's, torch's, CUDA's and each stochastic layer's
-
-def rng_states(model, device):
-    # The run's own GPU only: a resume on a machine with fewer GPUs must still work.
-    layers = binary_layers(model)
-    kind = layers[0].stream_kind if layers else "generator"
-    return dict(numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                kind=kind, device=device.type,
-                layers=[m.generator.get_state() for m in layers] if kind == "generator" else None)
-
-
-def set_rng_states(model, states, device):
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-    layers = binary_layers(model)
-    kind = layers[0].stream_kind if layers else "generator"
-    saved_kind = states.get("kind", "generator")
-    if kind == "counter":
-        if saved_kind != "counter" and any(m.stochastic for m in layers):
-            print("note: this run sampled its binary weights from torch.Generator streams (the "
-                  "eager modules); the compiled step samples from counter streams: from here on "
-                  "each layer draws from its counter stream, a new stream, not a repeat")
-        return
-    restored = saved_kind == "generator" and states.get("device", device.type) == device.type
-    for m, s in zip(layers, states["layers"] if restored else [None] * len(layers)):
-        if s is not None:
-            m.generator.set_state(s)
-        else:
-            # A stream from another device kind (or a counter stream) cannot continue here:
-            # a new seed derived from (seed, draws so far) gives a stream that does not repeat it.
-            seed = np.random.SeedSequence([m.seed, int(m.draws)]).generate_state(1)[0]
-            m.generator.manual_seed(int(seed))
-    if not restored and any(m.stochastic for m in layers):
-        print(f"note: the layers' random streams were saved as {saved_kind} streams on "
-              f"{states.get('device')} and cannot continue as torch.Generator streams on "
-              f"{device.type}: each layer continues with a new stream seeded from (its seed, its "
-              "draws so far), which does not repeat the old one")
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: taken to host memory at the end of an epoch, written by a background thread
-
-class CheckpointWriter:
-    """Writes each epoch's checkpoint (best.pt, then last.pt, then metrics.jsonl, each atomic)
-    in a background thread from a host-memory snapshot, so a 2-second epoch does not wait for
-    150 MB to reach the disk. One write at a time: the next snapshot waits for the previous
-    write. metrics.jsonl is written after last.pt, so it never holds an epoch that a resume
-    would repeat."""
-
-    def __init__(self, run):
-        self.run = run
-        self.thread = None
-        self.error = None
-
-    def save(self, checkpoint, best):
-        self.wait()
-        self.thread = threading.Thread(target=self._write, args=(checkpoint, best))
-        self.thread.start()
-
-    def _write(self, checkpoint, best):
-        try:
-            write_checkpoint(self.run, checkpoint, best)
-        except BaseException as e:  # raised in the training thread at its next wait()
-            self.error = e
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the training loop stands: what a checkpoint holds besides the model, the optimizer
-    and the random streams. batch, losses and elapsed describe an epoch stopped part-way."""
-    order: np.ndarray  # the training set's shuffle (§5)
-    LR: float  # the next epoch's learning rate
-    epoch: int = 0  # epochs done
-    batch: int = 0  # batches done of the next epoch
-    losses: np.ndarray | None = None  # their training losses
-    elapsed: float = 0.  # their seconds
-    best_val_err: float = 100.
-    best_epoch: int = 1
-    test_err: float | None = None  # at best_epoch
-    test_loss: float | None = None
-    history: list = dataclasses.field(default_factory=list)  # the evaluated epochs' metrics
-    unreported: float = 0.  # seconds of the epochs since the last evaluated one (monitor_step)
-
-
-def take_checkpoint(run, model, optimizer, progress):
-    """A host-memory copy of everything a resume needs, taken at once: training can go on
-    while it is written."""
-    return to_host(dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), rng=rng_states(model, run.device),
-                         hparams=run.config, **dataclasses.asdict(progress)))
-
-
-def write_checkpoint(run, checkpoint, best=False):
-    try:
-        # best.pt first: if it fails, last.pt still holds the previous epoch, which a resume
-        # then redoes, best.pt included.
-        if best:
-            atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=checkpoint["model"],
-                                   epoch=checkpoint["epoch"], hparams=run.config),
-                              run.path("best.pt"))
-        atomic_torch_save(checkpoint, run.path("last.pt"))
-        log_metrics(run, checkpoint["history"])
-    except OSError as e:
-        raise SystemExit(f"error: could not write a checkpoint in {run.out_dir} "
-                         f"({e.strerror or e}); the previous one is intact. Free some space, "
-                         f"then resume with: python {run.script}.py --resume={run.out_dir}")
-
-
-def save_checkpoint(run, model, optimizer, progress, best=False):
-    """The checkpoint of this moment, written before returning."""
-    write_checkpoint(run, take_checkpoint(run, model, optimizer, progress), best)
-
-
 def log_metrics(run, history):
     """metrics.jsonl is rewritten from the checkpointed history, so a run killed between the
     report and the checkpoint never keeps a line that its resume would repeat."""
@@ -437,43 +310,128 @@ def log_metrics(run, history):
     atomic_write_bytes(run.path("metrics.jsonl"), text.encode())
 
 
-def _upgrade(checkpoint, model):
-    """A version 1 checkpoint (optimizer steps as ints, no draw counters, generator streams)
-    read as version 2: every stochastic layer had drawn once per step taken."""
-    state = checkpoint["optimizer"]["state"]
-    steps = 0
-    for s in state.values():
-        steps = s.pop("t")
-        s["step"] = torch.tensor(float(steps), dtype=torch.float64)
-    for name, m in model.named_modules():
-        if m in binary_layers(model):
-            checkpoint["model"][f"{name}.draws"] = torch.tensor(
-                steps if m.binary and m.stochastic else 0, dtype=torch.int64)
-    checkpoint["rng"]["kind"], checkpoint["rng"]["device"] = "generator", None
-    checkpoint.setdefault("elapsed", 0.)
-    return checkpoint
+# ------------------------------------------------------------------------------------------------
+# Reading runs: what the tools use
+#
+# evaluate, export, plot, results and sweep (and configurator, for --resume) read run directories
+# through these functions alone: one reader per kind of file, one shape, one rule for a damaged
+# file. A problem the user can fix raises RunError, whose message names the file.
+
+class RunError(Exception):
+    """A run file that is missing or damaged; the message names it and says what to do. The
+    tools print it on one line."""
 
 
-def load_checkpoint(run, model, optimizer, n_train):
-    path = run.path("last.pt")
+RUN_FILES = ("written by mnist.py, cifar10.py or svhn.py (hparams.json, metrics.jsonl, last.pt, "
+             "best.pt)")
+DATA_PATHS = ("data_dir", "SVHN_LOCAL_PATH")  # relative to the directory the run was started in
+
+
+def read_record(run_dir):
+    """hparams.json: {"script", "hparams", "git_commit", "git_dirty", "versions", "device",
+    "started", "cwd"}, as the run began (cwd: since the record had it)."""
+    path = Path(run_dir) / "hparams.json"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
-    if checkpoint.get("version") not in (1, CHECKPOINT_VERSION):
-        raise SystemExit(f"error: {path} is a version {checkpoint.get('version')} checkpoint; "
-                         f"this code reads versions 1 and {CHECKPOINT_VERSION}")
-    if checkpoint["version"] == 1:
-        checkpoint = _upgrade(checkpoint, model)
-    if len(checkpoint["order"]) != n_train:  # the shuffle order indexes the training set
-        raise SystemExit(f"error: {path} was trained on {len(checkpoint['order'])} training "
-                         f"examples, but the data now gives {n_train}: resume with the same data")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    set_rng_states(model, checkpoint["rng"], run.device)
-    progress = Progress(**{f.name: checkpoint[f.name] for f in dataclasses.fields(Progress)
-                           if f.name in checkpoint})
-    print(f"Resumed from {path}: epoch {progress.epoch} done"
-          + (f", {progress.batch} batches into epoch {progress.epoch + 1}" if progress.batch
-             else ""))
-    return progress
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; {run_dir} is not a run directory {RUN_FILES}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise RunError(f"{path}: not valid JSON ({e}); a training run writes it when it "
+                       "starts") from None
+    if not isinstance(record, dict) or not isinstance(record.get("hparams"), dict):
+        raise RunError(f"{path}: not the record a training run writes (a JSON object with the "
+                       "run's \"script\" and \"hparams\")")
+    return record
+
+
+def read_resumes(run_dir):
+    """resumes.jsonl: one record like hparams.json's per resume ([] for a run never resumed)."""
+    return _read_jsonl(Path(run_dir) / "resumes.jsonl")
+
+
+def read_metrics(run_dir):
+    """metrics.jsonl: one dict per evaluated epoch, [] before the first. A last line cut short
+    (a copy cut short, a run killed while writing it) is left out with one warning line on
+    stderr; a damaged line before the last is an error."""
+    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+_warned = set()  # (file, line number, text): a tool that reads a run twice warns once
+
+
+def _read_jsonl(path):
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise RunError(f"{path}: cannot be read ({e.strerror or e})") from None
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for i, line in numbered:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i == numbered[-1][0]:
+            key = (str(path.resolve()), i, line)
+            if key not in _warned:
+                _warned.add(key)
+                print(f"warning: {path}: line {i}, the last, is cut short or not a JSON object "
+                      "(a copy cut short, or a run killed while writing it); it is left out",
+                      file=sys.stderr, flush=True)
+        else:
+            raise RunError(f"{path}: line {i} of {len(lines)} is not a JSON object; only a cut "
+                           "last line is left out: repair or delete that line")
+    return rows
+
+
+def is_finished(hparams, metrics):
+    """Has the run trained its last epoch? Its metrics.jsonl has the line of its num_epochs."""
+    return any(m.get("epoch") == hparams.get("num_epochs") for m in metrics)
+
+
+def find_runs(*paths):
+    """The run directories at or below each path (a run directory, or a sweep directory above
+    some): every directory holding an hparams.json, each once (as the first path reached it), in
+    the order of the paths, sorted below each."""
+    found = {}
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise RunError(f"{path}: " + ("not a directory; give run directories or a sweep "
+                                          "directory above some" if path.exists() else
+                                          "no such directory"))
+        runs = sorted(p.parent for p in path.rglob("hparams.json"))
+        if not runs:
+            raise RunError(f"{path}: no run directories (with an hparams.json) at or below it; "
+                           f"expected run directories {RUN_FILES}, or a sweep directory")
+        for run in runs:
+            found.setdefault(run.resolve(), run)
+    return list(found.values())
+
+
+def resolve_data_paths(run_dir, hparams):
+    """hparams, its relative data paths (data_dir, SVHN_LOCAL_PATH) made absolute against the
+    directory that the run was started or resumed in (the records' cwd), so that a tool finds
+    the data from anywhere. Runs recorded before the cwd was: relative to this directory."""
+    hparams = dict(hparams)
+    run_dir = Path(run_dir)
+    if not (run_dir / "hparams.json").is_file():
+        return hparams
+    records = [read_record(run_dir), *read_resumes(run_dir)]
+    for key in DATA_PATHS:
+        value = hparams.get(key)
+        if not isinstance(value, str) or not value or os.path.isabs(value) or value[0] == "~":
+            continue
+        # the last start or resume that set this value (a resume may give new data paths)
+        cwd = next((r["cwd"] for r in reversed(records) if r.get("cwd")
+                    and r.get("hparams", {}).get(key) == value), None)
+        if cwd:
+            hparams[key] = os.path.join(cwd, value)
+    return hparams

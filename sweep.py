@@ -20,8 +20,8 @@ are started. A run that another process is running (it holds SWEEP_DIR/.../.lock
 
 Jobs go through submitit. --cluster=local (the default) runs them on this machine: one job per GPU
 (or --parallel jobs on the CPU), each running its share of the runs one after another; this command
-waits for them (Ctrl-C stops them at a checkpoint); --runs_per_gpu=K runs K jobs side by side on each
-GPU. --cluster=slurm submits one Slurm array job,
+waits for them, printing a line as each run ends (Ctrl-C stops them at a checkpoint);
+--runs_per_gpu=K runs K jobs side by side on each GPU. --cluster=slurm submits one Slurm array job,
 one task per run, and returns; a task that reaches its time limit or is pre-empted checkpoints and
 is requeued (a time limit at most --max_timeouts times). A request that no node of the partition
 can satisfy is refused before anything is queued; a run whose job is still in Slurm's queue is
@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import fcntl
 import io
+import json
 import os
 import runpy
 import shlex
@@ -46,13 +47,13 @@ import cloudpickle
 import submitit
 
 import configurator
-import results
+import rundir
 import slurm
-from results import run_is_finished
+from rundir import RunError, is_finished, read_metrics, read_record
 
-# A job unpickles its Lane wherever it runs, maybe not in this directory: results' code (Lane
-# uses run_is_finished) travels inside the pickle rather than by module name.
-cloudpickle.register_pickle_by_value(results)
+# A job unpickles its Lane wherever it runs, maybe not in this directory: rundir's code (Lane
+# reads the run's records) travels inside the pickle rather than by module name.
+cloudpickle.register_pickle_by_value(rundir)
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = ("mnist", "cifar10", "svhn")
@@ -63,7 +64,8 @@ PER_RUN = ("seed", "out_dir", "resume")  # set by the sweep for each run, not by
 LOCK = ".lock"
 
 
-class Run(NamedTuple):
+class RunSpec(NamedTuple):
+    """One run of the grid: what to run and where (rundir.Run is the run directory itself)."""
     dataset: str
     variant: str
     seed: int
@@ -141,9 +143,16 @@ def held(run_dir):
 
 
 def progress(run_dir):
+    """start (no checkpoint), resume (a checkpoint, not finished) or done (its last epoch is in
+    metrics.jsonl). A run whose records cannot be read is resumed: the resume rewrites
+    metrics.jsonl, or names the damaged hparams.json."""
     if not (Path(run_dir) / "last.pt").exists():
         return "start"
-    return "done" if run_is_finished(run_dir) else "resume"
+    try:
+        finished = is_finished(read_record(run_dir)["hparams"], read_metrics(run_dir))
+    except RunError:
+        finished = False
+    return "done" if finished else "resume"
 
 
 def check(run, resume, runs_here=True):
@@ -170,20 +179,36 @@ def _ignore_usr2():
 
 
 class Lane(submitit.helpers.Checkpointable):
-    """One submitit job: some runs, one after another, each as its own subprocess."""
+    """One submitit job: some runs, one after another, each as its own subprocess. With
+    `events` (a local sweep), a line there as each run ends, which the waiting sweep prints."""
 
-    def __init__(self, runs, cwd, threads=None):
-        self.runs, self.cwd, self.threads = runs, cwd, threads
+    def __init__(self, runs, cwd, threads=None, events=None):
+        self.runs, self.cwd, self.threads, self.events = runs, cwd, threads, events
         self.child = None
 
     def __call__(self):
         exit_statuses = []
         for run in self.runs:
-            rc = self.run(run)
-            exit_statuses.append((run.dir, rc))
+            started = time.time()
+            rc = self.run(run)  # None: it was done already
+            self.tell(run, rc, time.time() - started)
+            exit_statuses.append((run.dir, rc or 0))
             if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
                 break  # stopped at a checkpoint: the sweep is being stopped
         return exit_statuses
+
+    def tell(self, run, rc, seconds):
+        if not self.events:
+            return
+        line = (json.dumps(dict(dir=run.dir, rc=rc, seconds=seconds)) + "\n").encode()
+        try:  # one short write in append mode: whole, beside other lanes'; not once the sweep
+            fd = os.open(self.events, os.O_WRONLY | os.O_APPEND)  # has gone (no O_CREAT)
+        except FileNotFoundError:
+            return
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def run(self, run):
         Path(run.dir).mkdir(parents=True, exist_ok=True)
@@ -194,7 +219,7 @@ class Lane(submitit.helpers.Checkpointable):
             status = progress(run.dir)
             if status == "done":
                 print(f"done: {run.dir}", flush=True)
-                return 0
+                return None
             argv = run.argv(resume=status == "resume")
             print("+ " + shown(argv), flush=True)
             # The script finds the lock it inherits by this fd (rundir.lock).
@@ -219,7 +244,8 @@ class Lane(submitit.helpers.Checkpointable):
                 except ChildProcessError:
                     break
                 time.sleep(0.5)
-        return submitit.helpers.DelayedSubmission(Lane(self.runs, self.cwd, self.threads))
+        return submitit.helpers.DelayedSubmission(Lane(self.runs, self.cwd, self.threads,
+                                                       self.events))
 
     __submitit_checkpoint__ = checkpoint  # the name submitit's newer documentation gives it
 
@@ -290,11 +316,14 @@ def run_local(runs, args, folder):
     """submitit's LocalExecutor starts every job it is given at once, each on the first
     gpus_per_node GPUs (local.py, _submit_command). So: --runs_per_gpu jobs per GPU, each pinned
     to its GPU with visible_gpus, or --parallel jobs on the CPU, each running its share of the
-    runs in turn."""
+    runs in turn. Each run is told as it ends (wait_local)."""
     gpus = gpu_count()
     placed = lane_gpus(len(runs), gpus, args.runs_per_gpu, args.parallel)
     lanes = len(placed)
     threads = max(1, (os.cpu_count() or 1) // lanes) if not gpus and lanes > 1 else None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    events = (folder.parent / f"ended-{os.getpid()}.jsonl").resolve()
+    events.write_text("")
     executor = submitit.LocalExecutor(folder=folder)
     jobs = []
     for i, gpu in enumerate(placed):
@@ -303,29 +332,93 @@ def run_local(runs, args, folder):
                                        visible_gpus=(gpu,))
         else:
             executor.update_parameters(timeout_min=args.time or 365 * 24 * 60, gpus_per_node=0)
-        jobs.append(executor.submit(Lane(runs[i::lanes], os.getcwd(), threads)))
+        jobs.append(executor.submit(Lane(runs[i::lanes], os.getcwd(), threads, str(events))))
     where = f"{gpus} GPU(s)" if gpus else "the CPU"
     print(f"Running {len(runs)} runs as {lanes} local job(s) on {where}; their output is in "
           f"{folder.parent}/<job>/<job>_0_log.out, and each run's in its log.txt.", flush=True)
-    failed = []
     try:
-        for job in jobs:
-            try:
-                for run_dir, rc in job.result():
-                    print(f"{'finished' if rc == 0 else f'stopped (exit status {rc})'}: {run_dir}",
-                          flush=True)
-                    failed += [run_dir] if rc else []
-            except submitit.core.utils.UncompletedJobError as e:
-                print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1]} (see "
-                      f"{job.paths.stderr})", flush=True)
-                failed.append(job.job_id)
+        failed = wait_local(jobs, runs, events)
     except KeyboardInterrupt:
         print("\nInterrupted: the runs stop at a checkpoint. Run the same command to continue.")
         sys.exit(130)
+    finally:
+        events.unlink(missing_ok=True)
     if failed:
-        print(f"{len(failed)} run(s) or job(s) did not finish (their log.txt or job log says "
-              "why). Run the same command to continue.")
+        print(f"{failed} run(s) did not finish (their log.txt or job log says why). Run the same "
+              "command to continue.")
         sys.exit(1)
+
+
+POLL_SECONDS = 1.0
+
+
+def wait_local(jobs, runs, events):
+    """Prints a line as each run ends ("[3/12] done mnist_stoch_bc/seed2: test error 1.32 % (41
+    min)"), from the lines the jobs write to `events`, until every job has ended; returns how
+    many runs did not finish."""
+    told, failed, offset = set(), 0, 0
+
+    def tell(run_dir, line):
+        nonlocal failed
+        told.add(run_dir)
+        failed += not line.startswith("done ")
+        print(f"[{len(told)}/{len(runs)}] {line}", flush=True)
+
+    while True:
+        ended = all(job.done() for job in jobs)  # before reading: no line comes after the end
+        with open(events, "rb") as f:
+            f.seek(offset)
+            text = f.read()
+        text = text[:text.rfind(b"\n") + 1]  # a line being written waits for the next look
+        offset += len(text)
+        for line in text.decode().splitlines():
+            event = json.loads(line)
+            tell(event["dir"], ended_line(event["dir"], event["rc"], event["seconds"]))
+        if ended:
+            break
+        time.sleep(POLL_SECONDS)
+    for job in jobs:
+        try:
+            for run_dir, rc in job.result():  # any run its job did not tell of as it ended
+                if run_dir not in told:
+                    tell(run_dir, ended_line(run_dir, rc, None))
+        except submitit.core.utils.UncompletedJobError as e:
+            print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1]} (see "
+                  f"{job.paths.stderr})", flush=True)
+    for run in runs:
+        if run.dir not in told:  # its job failed, or was stopped before reaching it
+            tell(run.dir, f"not run: {run_name(run.dir)}")
+    return failed
+
+
+def run_name(run_dir):
+    """SWEEP_DIR/mnist_det_bc/seed1 -> mnist_det_bc/seed1"""
+    return "/".join(Path(run_dir).parts[-2:])
+
+
+def ended_line(run_dir, rc, seconds):
+    """How a run ended (rc None: it had finished before), for wait_local."""
+    name = run_name(run_dir)
+    if rc is None:
+        return f"done {name} (finished before)" + _test_error(run_dir)
+    took = ("" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else
+            f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
+    if rc == 0:
+        return f"done {name}" + _test_error(run_dir) + (f" ({took})" if took else "")
+    if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return f"stopped {name} at a checkpoint (exit status {rc}{', ' + took if took else ''})"
+    why = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+    return f"failed {name}: {why} ({took + '; ' if took else ''}its log.txt says why)"
+
+
+def _test_error(run_dir):
+    """The test error at the best-validation epoch, as results.py tables it."""
+    try:
+        metrics = read_metrics(run_dir)
+    except RunError:
+        return ""
+    err = metrics[-1].get("test_err") if metrics else None
+    return f": test error {err:.2f} %" if isinstance(err, (int, float)) else ""
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -380,7 +473,7 @@ def main(argv=None):
                  [v for v in args.variants.split(",") if v])
     seeds = parse_seeds(args.seeds)
     sweep_dir = Path(args.sweep_dir)
-    runs = [Run(d, v, s, str(sweep_dir / f"{d}_{v}" / f"seed{s}"), tuple(overrides))
+    runs = [RunSpec(d, v, s, str(sweep_dir / f"{d}_{v}" / f"seed{s}"), tuple(overrides))
             for d, v in pairs for s in seeds]
 
     params = slurm_request(args) if args.cluster == "slurm" else None

@@ -15,8 +15,9 @@ from binary_connect import lr_decay, make_optimizer, squared_hinge_loss
 from fast_step import (STEP_MODES, Split, TrainStep, autocast, device_name, miscounted,
                        set_precision, set_stream_kind, step_mode)
 from report import mean32, report, str2
-from rundir import (CheckpointWriter, Interrupt, Progress, load_checkpoint, log_metrics,
-                    save_checkpoint, stop, take_checkpoint)
+from checkpoints import (CheckpointWriter, Progress, load_checkpoint, save_checkpoint,
+                         take_checkpoint)
+from rundir import Interrupt, log_metrics, stop
 
 # Rows per forward pass in evaluation: several of the original's batches at once.
 EVAL_ROWS = 1000

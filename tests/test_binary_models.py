@@ -19,15 +19,16 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist"
 import evaluate
 import export
 import infer
+import models
 import fast_step
-import rundir
+import checkpoints
 import training
 from binary_connect import binary_layers
 from configurator import hyperparameters
 
 
-def run(*args, check=True):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+def run(*args, check=True, cwd=ROOT):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -208,7 +209,7 @@ def fake_run(run_dir, script, hp):
     run_dir.mkdir(parents=True)
     np.random.seed(0)
     model = mod.build_model(hp)
-    torch.save(dict(version=rundir.CHECKPOINT_VERSION, model=model.state_dict(), epoch=1,
+    torch.save(dict(version=checkpoints.CHECKPOINT_VERSION, model=model.state_dict(), epoch=1,
                     hparams=hp), run_dir / "best.pt")
     (run_dir / "hparams.json").write_text(json.dumps(dict(script=script, hparams=hp)))
     return run_dir
@@ -406,7 +407,94 @@ def test_bad_inputs_in_process(runs, tmp_path, capsys):
     assert "--modes=best" in fails(evaluate, runs["det"], "--modes=best")
 
 
+def test_a_run_with_only_last_pt(runs, tmp_path, capsys):
+    """Issue 15: a run stopped before its first evaluation (only last.pt): evaluate.py and
+    export.py read last.pt, each saying so in the same note; --checkpoint=best, asked for,
+    says how to read last.pt."""
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    for name in ("hparams.json", "last.pt"):
+        (run_dir / name).write_bytes((runs["det"] / name).read_bytes())
+    note = (f"note: {run_dir} has no best.pt yet (no epoch evaluated): reading last.pt, its last "
+            "checkpoint (2 epochs done)\n")
+    assert evaluate.main([str(run_dir), "--device=cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert err == note and out.startswith(f"{run_dir / 'last.pt'}: mnist, ")
+    assert export.main([str(run_dir), str(tmp_path / "m.npz")]) == 0
+    out, err = capsys.readouterr()
+    assert err == note and "smaller" in out
+    assert infer.load(tmp_path / "m.npz").meta["source"]["checkpoint"] == str(run_dir / "last.pt")
+    for tool, args in ((evaluate, []), (export, [str(tmp_path / "n.npz")])):
+        assert tool.main([str(run_dir), *args, "--checkpoint=best"]) == 2
+        assert capsys.readouterr().err == (f"error: {run_dir}: no best.pt yet (no epoch "
+                                           "evaluated); --checkpoint=last reads last.pt, the "
+                                           "run's last checkpoint\n")
+
+
+def test_a_relative_data_dir_from_another_directory(tmp_path):
+    """Issue 15: a run trained with a relative --data_dir could not be evaluated or inferred
+    from another directory. Its record keeps the directory it was started in (cwd), and the
+    tools read the data from there."""
+    work = tmp_path / "work"
+    write_fake_mnist(work / "data", n_train=300, n_test=100)
+    run(ROOT / "mnist.py", "--data_dir=data", "--verify_checksums=False", "--train_set_size=200",
+        "--num_units=16", "--num_epochs=1", "--batch_size=50", "--device=cpu", "--compile=false",
+        "--out_dir=run", cwd=work)
+    run_dir = work / "run"
+    record = json.loads((run_dir / "hparams.json").read_text())
+    assert record["cwd"] == str(work) and record["hparams"]["data_dir"] == "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run(ROOT / "evaluate.py", run_dir, cwd=elsewhere)
+    test_err = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    test_err = test_err["test_err"]
+    assert math.isclose(report_value(proc.stdout, "test error rate:"), test_err, abs_tol=1e-4)
+    run(ROOT / "export.py", run_dir, "m.npz", cwd=elsewhere)
+    assert infer.load(elsewhere / "m.npz").meta["data"]["data_dir"] == str(work / "data")
+    proc = run(ROOT / "infer.py", "elsewhere/m.npz", cwd=tmp_path)  # no data/ here either
+    assert math.isclose(report_value(proc.stdout, "test error rate:"), test_err, abs_tol=1e-4)
+
+
 def test_export_checks_the_output_name_before_reading_the_run(tmp_path):
     proc = run(ROOT / "export.py", tmp_path / "no_such_run", tmp_path / "model.txt", check=False)
     assert proc.returncode == 2
     assert proc.stderr == f"error: {tmp_path / 'model.txt'}: the output name must end in .npz\n"
+
+
+# An ensemble of K sampled networks is K distinct samples, averaged (a one-line bug once used one
+# sample K times and passed the suite) --------------------------------------------------------
+
+def stochastic_model():
+    np.random.seed(3)
+    model = models.mlp(num_units=16, n_hidden_layers=1, n_inputs=6, stochastic=True)
+    return model.eval()
+
+
+def test_ensemble_averages_k_distinct_sampled_networks():
+    model, K = stochastic_model(), 4
+    x = torch.from_numpy(np.random.RandomState(1).randn(40, 6).astype(np.float32))
+    forward = evaluate.ensemble(model, K, torch.Generator().manual_seed(7))
+    # the reference: K networks drawn one after the other from the same generator
+    g = torch.Generator().manual_seed(7)
+    nets = [evaluate.binarized_copy(model, "sample", g) for _ in range(K)]
+    samples = [[layer.weight for layer in binary_layers(net)] for net in nets]
+    for a in range(K):  # K distinct binary networks
+        for b in range(a):
+            assert any(not torch.equal(wa, wb) for wa, wb in zip(samples[a], samples[b])), (a, b)
+    with torch.no_grad():
+        outs = [net(x) for net in nets]
+        got = forward(x)
+        one = evaluate.ensemble(model, 1, torch.Generator().manual_seed(7))(x)
+    torch.testing.assert_close(one, outs[0], rtol=0, atol=0)
+    # one sample used K times would give that sample's output (up to rounding)
+    for i, out in enumerate(outs):
+        assert float((got - out).abs().max()) > 1e-2, f"the ensemble of {K} is sample {i} alone"
+    torch.testing.assert_close(got, sum(outs) / K, rtol=1e-6, atol=1e-6,
+                               msg=lambda m: f"not the mean of {K} distinct samples: {m}")
+    # the same holds through evaluate_modes' scoring
+    split = fast_step.Split(x.numpy(), 2. * np.eye(10, dtype=np.float32)[np.arange(40) % 10] - 1., torch.device("cpu"))
+    scores = {k: evaluate.evaluate_modes(model, {}, ["ensemble"], split, split, 20,
+                                         samples=k, seed=7)["ensemble"] for k in (1, K)}
+    ref = training.evaluate(model, split, 20, forward=lambda x: sum(n(x) for n in nets) / K)
+    assert scores[K]["val_loss"] == pytest.approx(ref[1], rel=1e-5)
+    assert scores[K]["val_loss"] != pytest.approx(scores[1]["val_loss"], rel=1e-3)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import binary_connect as bc
 import models
 import fast_step
+import checkpoints
 import rundir
 import training
 from fake_data import script_config
@@ -279,9 +280,9 @@ def test_generator_streams_from_another_device_continue_with_a_new_stream(capsys
     layers = bc.binary_layers(model)
     for m in layers:
         m.draws.fill_(5)
-    states = rundir.rng_states(model, CPU)
+    states = checkpoints.rng_states(model, CPU)
     states["device"] = "cuda"  # as if saved by a CUDA run
-    rundir.set_rng_states(model, states, CPU)
+    checkpoints.set_rng_states(model, states, CPU)
     out = capsys.readouterr().out
     assert "cannot continue" in out and "new stream" in out
     for m in layers:
@@ -289,9 +290,9 @@ def test_generator_streams_from_another_device_continue_with_a_new_stream(capsys
             int(np.random.SeedSequence([m.seed, 5]).generate_state(1)[0]))
         assert torch.equal(m.generator.get_state(), expected.get_state())
     # a state of the same kind and device is simply restored, silently
-    states = rundir.rng_states(model, CPU)
+    states = checkpoints.rng_states(model, CPU)
     before = torch.rand(3, generator=layers[0].generator)
-    rundir.set_rng_states(model, states, CPU)
+    checkpoints.set_rng_states(model, states, CPU)
     assert capsys.readouterr().out == ""
     assert torch.equal(torch.rand(3, generator=layers[0].generator), before)
 
@@ -299,13 +300,13 @@ def test_generator_streams_from_another_device_continue_with_a_new_stream(capsys
 def test_counter_streams_continue_on_any_device_and_say_so_when_switching_kind(capsys):
     np.random.seed(0)
     model = models.mlp(num_units=8, n_hidden_layers=1, n_inputs=6)
-    states = rundir.rng_states(model, CPU)  # generator streams
+    states = checkpoints.rng_states(model, CPU)  # generator streams
     fast_step.set_stream_kind(model, "counter")
-    rundir.set_rng_states(model, states, CPU)
+    checkpoints.set_rng_states(model, states, CPU)
     assert "counter streams" in capsys.readouterr().out
-    states = rundir.rng_states(model, CPU)
+    states = checkpoints.rng_states(model, CPU)
     states["device"] = "cuda"
-    rundir.set_rng_states(model, states, CPU)  # counter to counter: nothing to say
+    checkpoints.set_rng_states(model, states, CPU)  # counter to counter: nothing to say
     assert capsys.readouterr().out == ""
 
 

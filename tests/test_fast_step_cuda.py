@@ -32,7 +32,7 @@ def _mnist(tmp_path, out, *extra, hook=None):
         "sys.path.insert(0, sys.argv[1])\n"
         "at = int(os.environ.get('KILL_AT') or 0)\n"
         "if at:\n"
-        "    import training\n"
+        "    import fast_step\n"
         "    call = fast_step.TrainStep.__call__\n"
         "    def counted(self, n=[0]):\n"
         "        n[0] += 1\n"

@@ -13,7 +13,7 @@ import torch
 import binary_connect as bc
 import models
 import fast_step
-import rundir
+import checkpoints
 import training
 from cuda_standin import StandIn, emulated_resume
 from test_fast_step import _network, _run, _state, quiet
@@ -96,12 +96,12 @@ def test_graph_mode_after_a_resume_continues_as_the_compiled_step(standin, tmp_p
     _epochs(step, optimizer, range(2))
     run = types.SimpleNamespace(path=lambda name: tmp_path / name, config={}, device=CPU,
                                 script="mnist", out_dir=tmp_path)
-    progress = rundir.Progress(order=np.arange(N), LR=0.0025, epoch=2)
-    rundir.save_checkpoint(run, model, optimizer, progress)
+    progress = checkpoints.Progress(order=np.arange(N), LR=0.0025, epoch=2)
+    checkpoints.save_checkpoint(run, model, optimizer, progress)
 
     model, optimizer, _ = _fresh("compiled")
     with emulated_resume(standin.host):
-        quiet(rundir.load_checkpoint, run, model, optimizer, N)
+        quiet(checkpoints.load_checkpoint, run, model, optimizer, N)
     step = fast_step.TrainStep(model, optimizer, _data(), BATCH, mode="graph")
     losses = _epochs(step, optimizer, range(2, 6))
     assert "warning" not in capsys.readouterr().out

@@ -1,8 +1,11 @@
 """plot.py on fake run directories: files written, valid non-blank PNGs, errors with exit code 2."""
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 matplotlib.use("Agg")
@@ -10,6 +13,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
+
+import plot
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,13 +47,23 @@ def make_run(path, binary=True, stochastic=True, epochs=5, checkpoints=("last", 
         "3.weight": (torch.rand(8, 4, 3, 3, generator=g) * 2 - 1).clamp(-0.9, 0.9),
     }
     for name in checkpoints:
-        torch.save({"model": state, "epoch": epochs, "optimizer": {}}, path / f"{name}.pt")
+        torch.save({"model": state, "epoch": epochs, "hparams": hp, "optimizer": {}},
+                   path / f"{name}.pt")
     return path
 
 
-def run_plot(*args):
+def run_plot_cli(*args):
     return subprocess.run([sys.executable, str(REPO / "plot.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO)
+
+
+def run_plot(*args):
+    """plot.py's main in this process, as the command line runs it (a subprocess spends its
+    seconds importing torch and matplotlib; run_plot_cli is one)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = plot.main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def check_png(path):
@@ -64,7 +79,7 @@ def test_two_runs_write_curves_and_histograms(tmp_path):
     a = make_run(tmp_path / "stoch", stochastic=True, seed=1)
     b = make_run(tmp_path / "det", stochastic=False, seed=2)
     out = tmp_path / "figs"
-    r = run_plot(a, b, f"--out={out}")
+    r = run_plot_cli(a, b, f"--out={out}")
     assert r.returncode == 0, r.stderr
     expected = [out / "curves.png", out / "weights_hist_stoch.png", out / "weights_hist_det.png"]
     assert r.stdout.split() == [str(p) for p in expected]
@@ -93,17 +108,26 @@ def test_run_without_checkpoint_still_gets_curves(tmp_path):
 
 def test_missing_metrics_is_a_clear_error(tmp_path):
     good = make_run(tmp_path / "good")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "hparams.json").write_text("{}")
+    bad = make_run(tmp_path / "bad")
+    (bad / "metrics.jsonl").unlink()
     r = run_plot(good, bad)
     assert r.returncode == 2
-    assert str(bad) in r.stderr and "metrics.jsonl" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert r.stderr == (f"error: {bad / 'metrics.jsonl'}: missing: the run has finished no "
+                        "epoch yet\n")
     assert not (good / "curves.png").exists()  # nothing written when an input is bad
 
+    (bad / "hparams.json").write_text("{}")
+    r = run_plot(good, bad)
+    assert r.returncode == 2 and str(bad / "hparams.json") in r.stderr
+    assert "not the record a training run writes" in r.stderr
+
     r = run_plot(tmp_path / "does_not_exist")
-    assert r.returncode == 2 and "does_not_exist" in r.stderr and "metrics.jsonl" in r.stderr
+    assert r.returncode == 2
+    assert r.stderr == f"error: {tmp_path / 'does_not_exist'}: no such directory\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_plot(empty)
+    assert r.returncode == 2 and "no run directories" in r.stderr and "metrics.jsonl" in r.stderr
 
 
 def test_layer_out_of_range_lists_layers(tmp_path):
@@ -122,22 +146,73 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_importable_functions_and_partial_last_line(tmp_path):
-    sys.path.insert(0, str(REPO))
-    try:
-        import plot
-    finally:
-        sys.path.remove(str(REPO))
+def test_importable_functions_and_partial_last_line(tmp_path, capsys):
     a = make_run(tmp_path / "a")
     b = make_run(tmp_path / "b", seed=3)  # same variant as a: labels get the directory names
     with open(b / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 6, "train_lo')  # a run still training, mid-write
+        f.write('{"epoch": 6, "train_lo')  # a copy cut short
     plot.plot_curves([a, b], tmp_path / "c.png")
     check_png(tmp_path / "c.png")
     plot.plot_weight_histogram(a, tmp_path / "h.png", layer=1, checkpoint="last")
     check_png(tmp_path / "h.png")
-    _, metrics = plot.load_run(b)
-    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["epoch"] for m in plot.curve_metrics(b)] == [1, 2, 3, 4, 5]
+    assert capsys.readouterr().err.count("line 6, the last, is cut short") == 1
+
+
+def test_a_cut_last_line_is_said_not_dropped_silently(tmp_path):
+    """Issue 15: plot.py silently dropped the epoch of a cut last line."""
+    a = make_run(tmp_path / "a")
+    with open(a / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 6, "train_lo')
+    r = run_plot(a)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"warning: {a / 'metrics.jsonl'}: line 6, the last, is cut short or not a "
+                        "JSON object (a copy cut short, or a run killed while writing it); it is "
+                        "left out\n")  # once, though the run is read more than once
+    check_png(a / "curves.png")
+    # a damaged line before the last is an error, naming it
+    (a / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1, "val_err": 2}\n{"epo\n'
+                                     '{"epoch": 3, "train_loss": 1, "val_err": 2}\n')
+    r = run_plot(a)
+    assert r.returncode == 2 and str(a / "metrics.jsonl") in r.stderr and "line 2 of 3" in r.stderr
+
+
+def test_a_sweep_directory_and_histograms_that_do_not_collide(tmp_path):
+    """Issue 15: plot.py refused a sweep directory that results.py takes, and named two runs'
+    histograms seed1.png and seed1_.png."""
+    sweep = tmp_path / "sweep"
+    runs = [make_run(sweep / "mnist_det_bc" / "seed1", stochastic=False, seed=1),
+            make_run(sweep / "mnist_det_bc" / "seed2", stochastic=False, seed=2),
+            make_run(sweep / "mnist_stoch_bc" / "seed1", seed=3)]
+    (sweep / "submitit").mkdir()  # the sweep's job logs: no run
+    r = run_plot(sweep)
+    assert r.returncode == 0, r.stderr
+    expected = [sweep / "curves.png"] + [sweep / f"weights_hist_{name}.png" for name in (
+        "mnist_det_bc-seed1", "mnist_det_bc-seed2", "mnist_stoch_bc-seed1")]
+    assert r.stdout.split() == [str(p) for p in expected]
+    for p in expected:
+        check_png(p)
+    fig = plot.curves_figure(runs)
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:3] == [
+        "BinaryConnect (det.) (mnist_det_bc-seed1)", "BinaryConnect (det.) (mnist_det_bc-seed2)",
+        "BinaryConnect (stoch.)"]
+    # a run and the sweep it is in: each run once
+    r = run_plot(sweep, runs[0], f"--out={tmp_path / 'again'}")
+    assert r.returncode == 0 and len(list((tmp_path / "again").glob("weights_hist_*"))) == 3
+
+
+def test_a_run_with_only_last_pt(tmp_path):
+    """A run stopped before its first evaluation has last.pt and no best.pt: its histogram is
+    last.pt's, and said; --checkpoint=best asks for best.pt and says how to get last.pt's."""
+    a = make_run(tmp_path / "a", checkpoints=("last",))
+    r = run_plot(a)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"note: {a} has no best.pt yet (no epoch evaluated): reading last.pt, its "
+                        "last checkpoint (5 epochs done)\n")
+    check_png(a / "weights_hist_a.png")
+    r = run_plot(a, "--checkpoint=best")
+    assert r.returncode == 0
+    assert "--checkpoint=last reads last.pt" in r.stderr and "no weight histogram" in r.stderr
 
 
 def test_metrics_line_without_needed_keys(tmp_path):
@@ -149,15 +224,6 @@ def test_metrics_line_without_needed_keys(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _import_plot():
-    sys.path.insert(0, str(REPO))
-    try:
-        import plot
-    finally:
-        sys.path.remove(str(REPO))
-    return plot
-
-
 def _panels(fig):
     return [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_visible()]
 
@@ -166,7 +232,6 @@ def _panels(fig):
 def test_curves_two_panels_markers_and_legend_outside(tmp_path, epochs, markers):
     """Issue 10: a one-epoch run is drawn (markers), the loss and the error have panels of their
     own (the loss on a log axis), and the one legend lies outside both."""
-    plot = _import_plot()
     runs = [make_run(tmp_path / "s", epochs=epochs, seed=1),
             make_run(tmp_path / "d", stochastic=False, epochs=epochs, seed=2)]
     fig = plot.curves_figure(runs)
@@ -195,7 +260,6 @@ def test_curves_two_panels_markers_and_legend_outside(tmp_path, epochs, markers)
 
 
 def test_variant_names():
-    plot = _import_plot()
     for hp, name in [({"binary": False}, "No regularizer"),
                      ({"binary": False, "dropout_hidden": 0.5}, "50% Dropout"),
                      ({"binary": True, "stochastic": False}, "BinaryConnect (det.)"),
@@ -226,7 +290,6 @@ def test_paper_figures(tmp_path):
     for n in names:
         check_png(out / n)
 
-    plot = _import_plot()
     fig1 = plot.features_figure(mnist, units=25)
     assert [ax.get_title() for ax in _panels(fig1)] == [
         "No regularizer", "50% Dropout", "BinaryConnect (det.)", "BinaryConnect (stoch.)"]

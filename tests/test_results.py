@@ -1,5 +1,6 @@
 """results.py on hand-written run directories: rows named and grouped by their hyperparameters,
 mean ± sample std over seeds, unfinished runs listed and not averaged, the three formats."""
+import contextlib
 import csv
 import io
 import json
@@ -8,10 +9,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
 import configurator
+import results as results_py
 
 
 def defaults(script):
@@ -34,10 +37,12 @@ def write_run(run_dir, script="mnist", errors=(1.5,), seconds=10., device="cpu",
 
 
 def results(*args):
-    proc = subprocess.run([sys.executable, "results.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return proc
+    """results.py's main in this process, as the command line runs it (a subprocess spends its
+    seconds importing torch, for rundir); test_no_runs_is_said runs the command itself."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        results_py.main([str(a) for a in args])
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def csv_rows(*args):
@@ -172,3 +177,41 @@ def test_no_runs_is_said(tmp_path):
     proc = subprocess.run([sys.executable, "results.py", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "no run directories" in proc.stderr
+
+
+def test_a_cut_last_line(tmp_path, capsys):
+    """Issue 15: given a run whose last metrics line is cut, results.py said 'no run
+    directories'. The line is left out, with a warning, and the run is tabled as it stands."""
+    write_run(tmp_path / "done", errors=[2., 1.], seed=1, num_epochs=2)
+    write_run(tmp_path / "cut", errors=[3., 2.], seed=2, num_epochs=2)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "test_e')  # a copy cut short
+    rows, notes = csv_rows(tmp_path)
+    assert rows[0]["n"] == "2" and float(rows[0]["mean"]) == 1.5
+    assert notes.startswith(f"warning: {tmp_path / 'cut' / 'metrics.jsonl'}: line 3, the last, "
+                            "is cut short")
+    # the same run with only its first line and the cut one: unfinished, and said so
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "cut" / "metrics.jsonl").write_text(lines[0] + "\n" + lines[2])
+    table = results(tmp_path).stdout
+    assert f"Unfinished (not averaged): {tmp_path / 'cut'} (epoch 1 of 2, " in table
+
+
+def test_a_damaged_run_is_named_and_left_out(tmp_path):
+    write_run(tmp_path / "good", seed=1, num_epochs=1)
+    write_run(tmp_path / "bad", seed=2, num_epochs=1)
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"epo\n{"epoch": 1, "test_err": 1.0}\n')
+    table = results(tmp_path).stdout
+    assert (f"Skipped {tmp_path / 'bad'}: unreadable ({tmp_path / 'bad' / 'metrics.jsonl'}: "
+            "line 1 of 2 is not a JSON object; only a cut last line is left out: repair or "
+            "delete that line).") in table
+    assert "| 1.50 | 1 | 1 |" in table
+    # nothing readable: the reasons, then the end
+    (tmp_path / "good" / "hparams.json").write_text("{")
+    try:
+        results(tmp_path)
+    except SystemExit as e:
+        message = str(e.code)
+    assert f"Skipped {tmp_path / 'good'}: unreadable ({tmp_path / 'good' / 'hparams.json'}: " \
+           "not valid JSON" in message
+    assert message.endswith(f"results.py: no readable run directories under {tmp_path}")

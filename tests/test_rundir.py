@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import fast_step
 import models
+import checkpoints
 import rundir
 import training
 from fake_data import script_config, write_fake_mnist
@@ -273,7 +274,7 @@ def tiny_training_state(tmp_path):
     torch.square(torch.clamp(1 - t * model(x), min=0)).mean().backward()
     optimizer.step()
     run = rundir.Run("mnist", dict(seed=0), tmp_path, torch.device("cpu"), resume=False)
-    state = rundir.Progress(order=np.arange(6), LR=1e-3, epoch=1, best_val_err=50., test_err=40.,
+    state = checkpoints.Progress(order=np.arange(6), LR=1e-3, epoch=1, best_val_err=50., test_err=40.,
                             test_loss=0.5, history=[dict(epoch=1)])
     return run, model, optimizer, state
 
@@ -326,9 +327,8 @@ class _FullDisk:
 def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, monkeypatch, where):
     if where == "fsync" and not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc/self/fd to tell which file is fsynced")
-    import rundir
     run, model, optimizer, state = tiny_training_state(tmp_path)
-    rundir.save_checkpoint(run, model, optimizer, state, best=True)
+    checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
     before = (tmp_path / "last.pt").read_bytes()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -338,7 +338,7 @@ def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, 
     with monkeypatch.context() as m:
         _FullDisk(m, "last.pt", where)
         with pytest.raises(SystemExit) as e:
-            rundir.save_checkpoint(run, model, optimizer, state, best=True)
+            checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
     message = str(e.value.code)
     assert os.strerror(errno.ENOSPC) in message and str(tmp_path) in message
     assert f"--resume={tmp_path}" in message
@@ -353,14 +353,13 @@ def test_full_disk_during_checkpoint_exits_cleanly_and_keeps_previous(tmp_path, 
 def test_full_disk_on_best_checkpoint_does_not_advance_last(tmp_path, monkeypatch):
     """If best.pt cannot be written, last.pt must still be the previous epoch's (as the message says),
     so the resume redoes the epoch and writes best.pt; else best.pt would miss the best epoch."""
-    import rundir
     run, model, optimizer, state = tiny_training_state(tmp_path)
-    rundir.save_checkpoint(run, model, optimizer, state, best=True)
+    checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
     state.epoch, state.best_epoch, state.history = 2, 2, [dict(epoch=1), dict(epoch=2)]
     with monkeypatch.context() as m:
         _FullDisk(m, "best.pt", "write")
         with pytest.raises(SystemExit):
-            rundir.save_checkpoint(run, model, optimizer, state, best=True)
+            checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
     assert load(tmp_path / "best.pt")["epoch"] == 1
     assert load(tmp_path / "last.pt")["epoch"] == 1
     assert not list(tmp_path.glob("*.tmp"))
@@ -574,7 +573,7 @@ def test_resume_with_another_training_set_is_refused(work, reference, tmp_path):
     run = rundir.Run("mnist", dict(TINY), source, torch.device("cpu"), resume=True)
     run_, model, optimizer, _ = tiny_training_state(tmp_path)
     with pytest.raises(SystemExit) as e:
-        rundir.load_checkpoint(run, model, optimizer, n_train=90)
+        checkpoints.load_checkpoint(run, model, optimizer, n_train=90)
     assert "100 training examples" in str(e.value.code) and "90" in str(e.value.code)
 
 

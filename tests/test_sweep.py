@@ -45,7 +45,7 @@ def metrics(run_dir):
 
 
 def epochs_checkpointed(run_dir):
-    # metrics.jsonl is written after last.pt (rundir.CheckpointWriter)
+    # metrics.jsonl is written after last.pt (checkpoints.CheckpointWriter)
     return len(metrics(run_dir)) if (Path(run_dir) / "last.pt").exists() else 0
 
 
@@ -92,6 +92,13 @@ def test_rerun_resumes_the_killed_run_and_starts_the_others(killed_sweep):
     assert (f"  resume  python mnist.py config/mnist_det_bc.py --seed=1 --out_dir={first} "
             in out) and f"--resume={first}\n" in out
     assert "1 to resume" in out and "3 to start" in out and "0 already done" in out
+    # a line as each run ends, in the order the one job runs them
+    ended = [line for line in out.splitlines() if line.startswith("[")]
+    names = [f"mnist_{variant}/seed{seed}" for variant in VARIANTS for seed in SEEDS]
+    assert len(ended) == 4
+    for i, (line, name) in enumerate(zip(ended, names), 1):
+        assert line.startswith(f"[{i}/4] done {name}: test error "), line
+        assert line.endswith(" s)") or line.endswith(" min)"), line
     for variant in VARIANTS:
         for seed in SEEDS:
             if (variant, seed) != ("det_bc", 1):
@@ -247,7 +254,7 @@ def test_time_limit_checkpoints_the_run_and_the_requeued_job_continues_it(tmp_pa
     import threading
     write_fake_mnist(tmp_path / "data", n_train=300, n_test=100)
     run_dir = tmp_path / "sweep" / "mnist_det_bc" / "seed1"
-    job = sweep.Run("mnist", "det_bc", 1, str(run_dir), (
+    job = sweep.RunSpec("mnist", "det_bc", 1, str(run_dir), (
         f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False", "--train_set_size=200",
         "--num_units=8", "--batch_size=50", "--num_epochs=100", "--device=cpu",
         "--compile=false"))
@@ -285,7 +292,10 @@ def test_a_sweep_from_another_directory(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (f"  start   python {ROOT / 'mnist.py'} {ROOT / 'config' / 'mnist_stoch_bc.py'} "
             "--seed=7 --out_dir=sweep/mnist_stoch_bc/seed7 --data_dir=data " in proc.stdout)
-    assert metrics(tmp_path / "sweep" / "mnist_stoch_bc" / "seed7")[-1]["epoch"] == 1
+    last = metrics(tmp_path / "sweep" / "mnist_stoch_bc" / "seed7")[-1]
+    assert last["epoch"] == 1
+    assert f"[1/1] done mnist_stoch_bc/seed7: test error {last['test_err']:.2f} % (" in proc.stdout
+    assert not list((tmp_path / "sweep" / "submitit").glob("ended-*"))
 
 
 def test_a_slurm_sweep_may_name_a_gpu_this_login_node_lacks(tmp_path):
@@ -329,14 +339,72 @@ def test_runs_per_gpu_pins_each_local_job_to_its_gpu(tmp_path, monkeypatch, caps
 
         def submit(self, lane):
             submitted.append((self.params["visible_gpus"], [r.seed for r in lane.runs]))
-            return SimpleNamespace(result=lambda: [(r.dir, 0) for r in lane.runs])
+            return SimpleNamespace(done=lambda: True,
+                                   result=lambda: [(r.dir, 0) for r in lane.runs])
     monkeypatch.setattr(sweep, "gpu_count", lambda: 2)
     monkeypatch.setattr(sweep.submitit, "LocalExecutor", Executor)
-    runs = [sweep.Run("mnist", "det_bc", s, str(tmp_path / f"seed{s}"), ()) for s in range(1, 7)]
+    runs = [sweep.RunSpec("mnist", "det_bc", s, str(tmp_path / f"seed{s}"), ())
+            for s in range(1, 7)]
     args = SimpleNamespace(runs_per_gpu=2, parallel=0, time=0)
-    sweep.run_local(runs, args, tmp_path / "submitit")
+    sweep.run_local(runs, args, tmp_path / "submitit" / "%j")
     assert submitted == [((0,), [1, 5]), ((1,), [2, 6]), ((0,), [3]), ((1,), [4])]
-    assert "Running 6 runs as 4 local job(s) on 2 GPU(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Running 6 runs as 4 local job(s) on 2 GPU(s)" in out
+    assert f"[6/6] done {tmp_path.name}/seed4\n" in out  # told by the job's result at least
+    assert list((tmp_path / "submitit").iterdir()) == []  # the file of ended runs is gone
+
+
+def test_each_run_is_told_as_it_ends(tmp_path, monkeypatch, capsys):
+    """Issue 15: the sweep printed nothing until every run had ended. Now a line as each ends,
+    with the count, the test error (at the best-validation epoch) and the time it took."""
+    runs = [sweep.RunSpec("mnist", "stoch_bc", s, str(tmp_path / "sweep" / "mnist_stoch_bc" /
+                                                    f"seed{s}"), ()) for s in (1, 2, 3)]
+    Path(runs[0].dir).mkdir(parents=True)
+    (Path(runs[0].dir) / "metrics.jsonl").write_text(json.dumps(dict(epoch=1, test_err=1.3249))
+                                                     + "\n")
+    events = tmp_path / "ended.jsonl"
+    events.write_text("")
+    lane = sweep.Lane(runs, str(tmp_path), events=str(events))  # what a job tells, as it tells
+    job = SimpleNamespace(ended=False, result=lambda: [(r.dir, 0) for r in runs[:2]]
+                          + [(runs[2].dir, 1)])
+    job.done = lambda: job.ended
+    printed = []
+
+    def sleep(seconds):  # between two looks: the job goes on
+        printed.append(capsys.readouterr().out)
+        if len(printed) == 1:
+            lane.tell(runs[0], 0, 41 * 60)
+        else:
+            lane.tell(runs[1], None, 0.5)  # it had finished before
+            lane.tell(runs[2], 1, 30)
+            job.ended = True
+    monkeypatch.setattr(sweep.time, "sleep", sleep)
+    assert sweep.wait_local([job], runs, events) == 1
+    printed.append(capsys.readouterr().out)
+    assert printed == [
+        "",
+        "[1/3] done mnist_stoch_bc/seed1: test error 1.32 % (41 min)\n",
+        "[2/3] done mnist_stoch_bc/seed2 (finished before)\n"
+        "[3/3] failed mnist_stoch_bc/seed3: exit status 1 (30 s; its log.txt says why)\n"]
+
+
+def test_a_failed_job_names_the_runs_it_did_not_run(tmp_path, capsys):
+    import submitit
+    runs = [sweep.RunSpec("mnist", "det_bc", s, str(tmp_path / "mnist_det_bc" / f"seed{s}"), ())
+            for s in (1, 2)]
+    events = tmp_path / "ended.jsonl"
+    events.write_text("")
+    sweep.Lane(runs, str(tmp_path), events=str(events)).tell(runs[0], -9, 5)
+    def result():
+        raise submitit.core.utils.UncompletedJobError("Job 7 (task: 0) with path x\nhas not "
+                                                      "produced any output (state: FAILED)")
+    job = SimpleNamespace(done=lambda: True, result=result, job_id="7",
+                          paths=SimpleNamespace(stderr="x/7_0_log.err"))
+    assert sweep.wait_local([job], runs, events) == 2
+    assert capsys.readouterr().out == (
+        "[1/2] failed mnist_det_bc/seed1: killed by SIGKILL (5 s; its log.txt says why)\n"
+        "job 7 failed: has not produced any output (state: FAILED) (see x/7_0_log.err)\n"
+        "[2/2] not run: mnist_det_bc/seed2\n")
 
 
 def test_runs_per_gpu_below_one_is_refused(tmp_path):

@@ -206,7 +206,7 @@ def train(model, data, run):
                     print(report(epoch, num_epochs, seconds, metrics))
                     if train_loss > 1000:
                         print(DIVERGING_NOTE.format(LR=str2(LR)))
-                    elif val_loss > 1000 or improved and p.test_loss > 1000:
+                    if val_loss > 1000 or improved and p.test_loss > 1000:
                         print(BIG_LOSS_NOTE)
                     p.history.append(metrics)
                 else:

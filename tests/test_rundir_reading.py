@@ -17,7 +17,7 @@ from rundir import RunError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_run(run_dir, hparams=None, metrics=(), cwd=None, checkpoints=("best", "last")):
+def write_run(run_dir, hparams=None, metrics=(), cwd=None, written=("best", "last")):
     """A run directory as the scripts leave it, with a tiny model in its checkpoints."""
     run_dir.mkdir(parents=True)
     hp = dict(num_epochs=2, data_dir="data/mnist", seed=1, **(hparams or {}))
@@ -27,7 +27,7 @@ def write_run(run_dir, hparams=None, metrics=(), cwd=None, checkpoints=("best", 
         record["cwd"] = str(cwd)
     (run_dir / "hparams.json").write_text(json.dumps(record))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    for i, name in enumerate(checkpoints):
+    for i, name in enumerate(written):
         torch.save(dict(version=checkpoints.CHECKPOINT_VERSION, model={"0.weight": torch.ones(2, 2)},
                         epoch=1 + i, batch=0, hparams=hp), run_dir / f"{name}.pt")
     return run_dir
@@ -192,7 +192,7 @@ def test_read_checkpoint(tmp_path, capsys):
 def test_only_last_pt(tmp_path, capsys):
     """A run stopped before its first evaluation: by default last.pt, said in one line; asked
     for best.pt, an error that says how to read last.pt."""
-    run_dir = write_run(tmp_path / "run", checkpoints=("last",))
+    run_dir = write_run(tmp_path / "run", written=("last",))
     ckpt = torch.load(run_dir / "last.pt")
     torch.save(dict(ckpt, epoch=0, batch=3), run_dir / "last.pt")  # 3 batches into epoch 1
     ckpt, path = checkpoints.read_checkpoint(run_dir)
@@ -207,7 +207,7 @@ def test_only_last_pt(tmp_path, capsys):
 
 
 def test_no_checkpoint_or_not_a_checkpoint(tmp_path):
-    run_dir = write_run(tmp_path / "run", checkpoints=())
+    run_dir = write_run(tmp_path / "run", written=())
     with pytest.raises(RunError, match="no best.pt or last.pt: the run has written no checkpoint"):
         checkpoints.read_checkpoint(run_dir)
     with pytest.raises(RunError, match="no such file or directory"):
@@ -224,7 +224,7 @@ def test_no_checkpoint_or_not_a_checkpoint(tmp_path):
 
 def test_the_checkpoint_loads_no_code(tmp_path):
     """weights_only=True: a pickle that would run code is refused, not run."""
-    run_dir = write_run(tmp_path / "run", checkpoints=())
+    run_dir = write_run(tmp_path / "run", written=())
     torch.save(dict(model={}, hparams={}, evil=Path("x")), run_dir / "best.pt")
     with pytest.raises(RunError, match="not a checkpoint of this project"):
         checkpoints.read_checkpoint(run_dir)

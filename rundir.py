@@ -26,13 +26,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from atomic import atomic_write
-from bc_datasets import DatasetError
-from binary_connect import lr_decay
-from fast_step import device_name, select_device
 from report import str2
+
+# torch (and the modules that import it) are imported where a run starts, not here: the tools
+# that only read runs (results.py, sweep.py) start without it.
 
 
 class Tee(io.TextIOBase):
@@ -87,7 +86,7 @@ class Run:
             message, code = ("interrupted; the last checkpoint is kept: resume with: python "
                              f"{self.script}.py --resume={self.out_dir}" if kept else
                              "interrupted before the first epoch ended; nothing was kept"), 130
-        elif issubclass(kind, DatasetError):
+        elif issubclass(kind, _dataset_error()):
             message, code = f"error: {value}", 1
         elif issubclass(kind, SystemExit):
             message = value.code if isinstance(value.code, str) else None
@@ -126,6 +125,11 @@ class Run:
             _rmdir_if_empty(directory)
 
 
+def _dataset_error():
+    from bc_datasets import DatasetError
+    return DatasetError
+
+
 def _rmdir_if_empty(path):
     try:
         path.rmdir()
@@ -152,6 +156,7 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_torch_save(obj, path):
+    import torch
     with atomic_write(path) as f:
         torch.save(obj, f)
 
@@ -209,6 +214,10 @@ def start_run(script, config):
     """Seeds, device, run directory and log, then the original's start-up print of every
     hyperparameter. `config` must hold seed, device, out_dir and resume. Use it as a context
     (`with start_run(...) as run:`) around the rest of the script."""
+    import torch
+
+    from binary_connect import lr_decay
+    from fast_step import device_name, select_device
     resume = config["resume"]
     out = Path(resume or config["out_dir"] or os.path.join(
         "runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))

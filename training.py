@@ -1,6 +1,6 @@
 """The training loop of the original `binary_connect.train` (docs/original.md §5): epochs,
 evaluation, the best-epoch rule and the per-epoch report. The training step is fast_step.py's;
-the run's files (checkpoints, resume, the log) are rundir.py's.
+the run's files are rundir.py's (records, log, lock) and checkpoints.py's (last.pt, best.pt).
 
 Every experiment script runs `with start_run(...) as run:` right after its hyperparameters, then
 loads its data, builds its network and calls `train(model, data, run)`.
@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from binary_connect import lr_decay, make_optimizer, squared_hinge_loss
+from checkpoints import (CheckpointWriter, Progress, load_checkpoint, save_checkpoint,
+                         take_checkpoint)
 from fast_step import (STEP_MODES, Split, TrainStep, autocast, device_name, miscounted,
                        set_precision, set_stream_kind, step_mode)
 from report import mean32, report, str2
-from checkpoints import (CheckpointWriter, Progress, load_checkpoint, save_checkpoint,
-                         take_checkpoint)
 from rundir import Interrupt, log_metrics, stop
 
 # Rows per forward pass in evaluation: several of the original's batches at once.

@@ -516,10 +516,13 @@ def test_a_directory_another_process_trains_in_is_refused_untouched(work, tmp_pa
     (out / "hparams.json").write_text('{"script": "mnist"}\n')  # the first run's, epoch 1
     (out / "log.txt").write_text("Loading MNIST dataset...\n")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # The first run's lock, as rundir.lock takes it (an flock on .lock holding the pid), in a
+    # process that does not import torch: the test stays quick.
     first = subprocess.Popen(
-        [sys.executable, "-c", "import sys, rundir; rundir.lock(sys.argv[1]); print('locked', "
-         "flush=True); sys.stdin.read()", str(out)],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import fcntl, os, sys; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.write(f'{os.getpid()}\\n'); "
+         "f.flush(); print('locked', flush=True); sys.stdin.read()", str(out / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "locked"
         before[".lock"] = (out / ".lock").read_bytes()

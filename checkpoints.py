@@ -116,10 +116,11 @@ class Progress:
 
 def take_checkpoint(run, model, optimizer, progress):
     """A host-memory copy of everything a resume needs, taken at once: training can go on
-    while it is written."""
+    while it is written. (to_host makes the one copy: vars, not dataclasses.asdict, which
+    would deep-copy the progress first.)"""
     return to_host(dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), rng=rng_states(model, run.device),
-                         hparams=run.config, **dataclasses.asdict(progress)))
+                         hparams=run.config, **vars(progress)))
 
 
 def write_checkpoint(run, checkpoint, best=False):

@@ -188,8 +188,9 @@ def lock(out):
         f.seek(0)
         holder = f.read().strip()
         f.close()
-        raise SystemExit(f"error: {out} is in use: another process{' (pid ' + holder + ')' if holder else ''} "
-                         "is training in it; wait for it to end, or choose another --out_dir") from None
+        who = f"another process (pid {holder})" if holder else "another process"
+        raise SystemExit(f"error: {out} is in use: {who} is training in it; wait for it to end, "
+                         "or choose another --out_dir") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -308,8 +309,6 @@ def stop(run, signum, where):
           f"{run.path('last.pt')}.\nResume with: python {run.script}.py --resume={run.out_dir}")
     sys.stdout.flush()
     raise SystemExit(128 + signum)
-
-
 
 
 def log_metrics(run, history):

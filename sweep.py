@@ -49,7 +49,7 @@ import submitit
 import configurator
 import rundir
 import slurm
-from rundir import RunError, is_finished, read_metrics, read_record
+from rundir import LOCK, LOCK_FD, RunError, is_finished, read_metrics, read_record
 
 # A job unpickles its Lane wherever it runs, maybe not in this directory: rundir's code (Lane
 # reads the run's records) travels inside the pickle rather than by module name.
@@ -61,7 +61,6 @@ TABLE2 = {"mnist": ["paper_no_reg", "paper_det_bc", "paper_stoch_bc", "paper_dro
           "cifar10": ["no_reg", "det_bc", "stoch_bc"],
           "svhn": ["no_reg", "det_bc", "stoch_bc"]}
 PER_RUN = ("seed", "out_dir", "resume")  # set by the sweep for each run, not by the user
-LOCK = ".lock"
 
 
 class RunSpec(NamedTuple):
@@ -223,7 +222,7 @@ class Lane(submitit.helpers.Checkpointable):
             argv = run.argv(resume=status == "resume")
             print("+ " + shown(argv), flush=True)
             # The script finds the lock it inherits by this fd (rundir.lock).
-            env = dict(os.environ, PYTHONUNBUFFERED="1", BINARYCONNECT_LOCK_FD=str(lock.fileno()))
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **{LOCK_FD: str(lock.fileno())})
             if self.threads:
                 env["OMP_NUM_THREADS"] = str(self.threads)
             # The child inherits the lock, which so lasts as long as either process does.

@@ -39,6 +39,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -46,14 +47,18 @@ from typing import NamedTuple
 import cloudpickle
 import submitit
 
+import atomic
 import configurator
 import rundir
 import slurm
-from rundir import LOCK, LOCK_FD, RunError, is_finished, read_metrics, read_record
+from atomic import atomic_write
+from rundir import DATA_PATHS, LOCK, LOCK_FD, RunError, is_finished, read_metrics, read_record
 
-# A job unpickles its Lane wherever it runs, maybe not in this directory: rundir's code (Lane
-# reads the run's records) travels inside the pickle rather than by module name.
+# A job unpickles its Lane wherever it runs, maybe not in this directory: rundir's and atomic's
+# code (Lane reads the run's records and writes its FAILED note) travels inside the pickle
+# rather than by module name.
 cloudpickle.register_pickle_by_value(rundir)
+cloudpickle.register_pickle_by_value(atomic)
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = ("mnist", "cifar10", "svhn")
@@ -154,6 +159,48 @@ def progress(run_dir):
     return "done" if finished else "resume"
 
 
+FAILED = "failed.json"  # in a run directory: the sweep's note of the run's last, failed attempt
+
+
+def failure(run_dir):
+    """The note a job left when the run failed (FAILED: rc, its error line, the files that hold
+    the rest), or None. It stays until the run is started again (--retry_failed)."""
+    path = Path(run_dir) / FAILED
+    try:
+        note = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return dict(rc=None, error=f"{path} cannot be read ({e}); delete it", more=[])
+    return note if isinstance(note, dict) else dict(rc=None, error=f"{path} is damaged", more=[])
+
+
+def shown_path(path):
+    """A path as the user gave it: relative when below this directory."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def why(rc, error=None, more=(), took=""):
+    """How a failed run ended, then its own error line: "exit status 1, 3 s; more in
+    SWEEP/submitit/5366/5366_0_log.err): error: MNIST: missing in ..." (after an opening
+    parenthesis)."""
+    how = ("exit status unknown" if rc is None else
+           f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}")
+    files = " and ".join(shown_path(f) for f in more)
+    return (how + (f", {took}" if took else "") + (f"; more in {files}" if files else "") + ")"
+            + (f": {error}" if error else ""))
+
+
+def has_checkpoint(run):
+    """Is the run started with --resume? (progress: "start" when there is no last.pt)"""
+    return (Path(run.dir) / "last.pt").exists()
+
+
+def why_note(note):
+    return why(note.get("rc"), note.get("error"), note.get("more", ()))
+
+
 def check(run, resume, runs_here=True):
     """The script's own configurator reads the command before anything is submitted: it names
     unknown keys and bad values, and, for a run to resume or skip, a setting that differs from the
@@ -171,10 +218,49 @@ def check(run, resume, runs_here=True):
         fail(f"{run.dir}: {message}")
 
 
+def check_data_paths(overrides, args):
+    """A data path given that does not exist here: every run would fail on it. On Slurm it may
+    exist on the compute nodes only (--data_on_nodes)."""
+    if args.data_on_nodes and args.cluster != "slurm":
+        fail("--data_on_nodes is for --cluster=slurm: local runs read their data here")
+    for item in overrides:
+        key, _, value = item[2:].partition("=")
+        if key not in DATA_PATHS or args.data_on_nodes or not value:
+            continue
+        if not Path(value).expanduser().exists():
+            where = "" if os.path.isabs(os.path.expanduser(value)) else f" in {os.getcwd()}"
+            fail(f"{item}: no such folder{where} on this machine"
+                 + ("; if it exists on the compute nodes only, add --data_on_nodes"
+                    if args.cluster == "slurm" else ""))
+
+
 def _ignore_usr2():
     # Slurm's time-limit signal (USR2) goes to every process of the job; USR2 would end the
     # script without a checkpoint. The job (Lane.checkpoint) sends it SIGTERM instead.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _relay(stream, last):
+    """The script's stderr, passed on line by line to the job's; `last` gets its last line
+    (the script's one-line error, or a traceback's last line)."""
+    for raw in stream:
+        line = raw.decode(errors="replace")
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if line.strip():
+            last[:] = [line.strip()]
+
+
+def _job_log():
+    """The job's stderr file, which holds the scripts' stderr (None outside a submitit job)."""
+    try:
+        return str(submitit.JobEnvironment().paths.stderr)
+    except (RuntimeError, KeyError):
+        return None
+
+
+class RunsFailed(Exception):
+    """Raised by a job at its end when some of its runs failed."""
 
 
 class Lane(submitit.helpers.Checkpointable):
@@ -186,14 +272,21 @@ class Lane(submitit.helpers.Checkpointable):
         self.child = None
 
     def __call__(self):
-        exit_statuses = []
+        exit_statuses, failed = [], []
         for run in self.runs:
             started = time.time()
-            rc = self.run(run)  # None: it was done already
+            rc, note = self.run(run)  # rc None: it was done already
             self.tell(run, rc, time.time() - started)
             exit_statuses.append((run.dir, rc or 0))
             if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
                 break  # stopped at a checkpoint: the sweep is being stopped
+            if note:
+                failed.append(f"{run.dir} ({why(**note)}")
+        if failed:
+            # Raised, not returned: the job then ends with a non-zero status, which Slurm marks
+            # FAILED (submitit logs a returned value as "Job completed successfully").
+            raise RunsFailed(f"{len(failed)} of {len(self.runs)} run(s) failed:\n"
+                             + "\n".join(failed))
         return exit_statuses
 
     def tell(self, run, rc, seconds):
@@ -210,6 +303,8 @@ class Lane(submitit.helpers.Checkpointable):
             os.close(fd)
 
     def run(self, run):
+        """Runs it as it stands (start, resume or skip), under its lock; returns its exit status
+        (None: done already) and, when it failed, the note written to its FAILED."""
         Path(run.dir).mkdir(parents=True, exist_ok=True)
         with open(Path(run.dir) / LOCK, "w") as lock:
             # Waits while another process runs it, e.g. the script of this job before a requeue,
@@ -218,7 +313,8 @@ class Lane(submitit.helpers.Checkpointable):
             status = progress(run.dir)
             if status == "done":
                 print(f"done: {run.dir}", flush=True)
-                return None
+                return None, None
+            (Path(run.dir) / FAILED).unlink(missing_ok=True)  # this attempt has its own end
             argv = run.argv(resume=status == "resume")
             print("+ " + shown(argv), flush=True)
             # The script finds the lock it inherits by this fd (rundir.lock).
@@ -227,8 +323,21 @@ class Lane(submitit.helpers.Checkpointable):
                 env["OMP_NUM_THREADS"] = str(self.threads)
             # The child inherits the lock, which so lasts as long as either process does.
             self.child = subprocess.Popen(argv, cwd=self.cwd, env=env, pass_fds=[lock.fileno()],
-                                          preexec_fn=_ignore_usr2)
-            return self.child.wait()
+                                          stderr=subprocess.PIPE, preexec_fn=_ignore_usr2)
+            last = []
+            relay = threading.Thread(target=_relay, args=(self.child.stderr, last), daemon=True)
+            relay.start()
+            rc = self.child.wait()
+            relay.join(10)  # a process the script started may hold its stderr open: not for ever
+            if rc in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+                return rc, None
+            more = [path for path in (_job_log(), Path(run.dir).resolve() / "log.txt")
+                    if path and Path(path).exists()]
+            note = dict(rc=rc, error=last[0] if last and rc > 0 else None,
+                        more=[str(path) for path in more])
+            with atomic_write(Path(run.dir) / FAILED, "w") as f:
+                f.write(json.dumps(note) + "\n")
+            return rc, note
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on the time-limit or pre-emption signal: the script stops at a
@@ -342,9 +451,11 @@ def run_local(runs, args, folder):
         sys.exit(130)
     finally:
         events.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the literal %j folder that submitit's local jobs
+            folder.rmdir()                   # make (local.py, Controller.start_tasks), empty
     if failed:
-        print(f"{failed} run(s) did not finish (their log.txt or job log says why). Run the same "
-              "command to continue.")
+        print(f"{failed} run(s) did not finish. The same command continues the sweep; add "
+              "--retry_failed to run the failed ones again.")
         sys.exit(1)
 
 
@@ -381,13 +492,22 @@ def wait_local(jobs, runs, events):
             for run_dir, rc in job.result():  # any run its job did not tell of as it ended
                 if run_dir not in told:
                     tell(run_dir, ended_line(run_dir, rc, None))
-        except submitit.core.utils.UncompletedJobError as e:
-            print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1]} (see "
-                  f"{job.paths.stderr})", flush=True)
+        except submitit.core.utils.UncompletedJobError as e:  # FailedJobError too
+            if f"{RunsFailed.__name__}: " not in str(e):  # not the failures told above
+                print(f"job {job.job_id} failed: {_last_line(e)} (see "
+                      f"{shown_path(job.paths.stderr)})", flush=True)
     for run in runs:
         if run.dir not in told:  # its job failed, or was stopped before reaching it
             tell(run.dir, f"not run: {run_name(run.dir)}")
     return failed
+
+
+def _last_line(error):
+    """submitit's error for a job: the traceback's last line (between its rules of dashes) for
+    a job that raised, else its last line."""
+    parts = str(error).split("-" * 22)
+    text = parts[1] if len(parts) >= 3 and parts[1].strip() else str(error)
+    return text.strip().splitlines()[-1]
 
 
 def run_name(run_dir):
@@ -406,8 +526,8 @@ def ended_line(run_dir, rc, seconds):
         return f"done {name}" + _test_error(run_dir) + (f" ({took})" if took else "")
     if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         return f"stopped {name} at a checkpoint (exit status {rc}{', ' + took if took else ''})"
-    why = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
-    return f"failed {name}: {why} ({took + '; ' if took else ''}its log.txt says why)"
+    note = failure(run_dir) or {}  # its error line and files, as its job wrote them
+    return f"failed {name} (" + why(rc, note.get("error"), note.get("more", ()), took)
 
 
 def _test_error(run_dir):
@@ -456,6 +576,12 @@ def main(argv=None):
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="any other SlurmExecutor parameter, e.g. --slurm=account=abc "
                              "--slurm=qos=high --slurm=mem=32GB (repeatable)")
+    parser.add_argument("--retry_failed", action="store_true",
+                        help="run again the runs whose last attempt failed (by default they are "
+                             "listed as failed, with their error, and left alone)")
+    parser.add_argument("--data_on_nodes", action="store_true",
+                        help="Slurm: the --data_dir (or --SVHN_LOCAL_PATH) given exists on the "
+                             "compute nodes only, so it is not looked for here")
     parser.add_argument("--dry_run", action="store_true", help="print the plan; submit nothing")
     args, overrides = parser.parse_known_args(argv)
     if args.runs_per_gpu < 1:
@@ -468,6 +594,7 @@ def main(argv=None):
                  "--key=value")
         if key in PER_RUN:
             fail(f"{item}: the sweep sets --{key} for each run (use --seeds for the seeds)")
+    check_data_paths(overrides, args)
     pairs = grid([d for d in args.datasets.split(",") if d],
                  [v for v in args.variants.split(",") if v])
     seeds = parse_seeds(args.seeds)
@@ -478,26 +605,37 @@ def main(argv=None):
     params = slurm_request(args) if args.cluster == "slurm" else None
     queue = slurm.in_queue(sweep_dir / "submitit")
     jobs = {run: queue.get(str(Path(run.dir).resolve())) for run in runs}
-    plan = [(run, jobs[run][0] if jobs[run] else "running" if held(run.dir) else progress(run.dir))
-            for run in runs]
-    for run, status in plan:  # every command is checked before anything is printed or submitted
+    plan = []
+    for run in runs:
+        status = jobs[run][0] if jobs[run] else "running" if held(run.dir) else progress(run.dir)
+        note = failure(run.dir) if status in ("start", "resume") else None
+        if note:  # its last attempt failed: again only when asked
+            status = "retry" if args.retry_failed else "failed"
+        plan.append((run, status, note))
+    for run, status, _ in plan:  # every command is checked before anything is printed or submitted
         if status not in ("running", "queued"):
             # a done run must be the run asked for, too
-            check(run, resume=status != "start", runs_here=args.cluster == "local")
+            check(run, resume=has_checkpoint(run), runs_here=args.cluster == "local")
     print(f"Sweep {sweep_dir}: {len(runs)} runs ({len(pairs)} config(s) x {len(seeds)} seed(s))")
-    for run, status in plan:
-        if status in ("start", "resume"):
-            print(f"  {status:<8}{shown(run.argv(resume=status == 'resume'))}")
+    for run, status, note in plan:
+        if status in ("start", "resume", "retry"):
+            print(f"  {status:<8}{shown(run.argv(resume=has_checkpoint(run)))}"
+                  + (f"  (it failed: {why_note(note)}" if note else ""))
+        elif status == "failed":
+            print(f"  {status:<8}{run.dir}  ({why_note(note)}")
         else:
-            why = jobs[run][1] if jobs[run] else (
+            why_not = jobs[run][1] if jobs[run] else (
                 "another process is running it" if status == "running" else "")
-            print(f"  {status:<8}{run.dir}" + (f"  ({why})" if why else ""))
-    counts = {s: sum(status == s for _, status in plan)
-              for s in ("start", "resume", "done", "running", "queued")}
-    print(f"{counts['start']} to start, {counts['resume']} to resume, {counts['done']} already "
-          f"done, {counts['running']} running elsewhere"
-          + (f", {counts['queued']} queued on Slurm." if counts["queued"] else "."), flush=True)
-    todo = [run for run, status in plan if status in ("start", "resume")]
+            print(f"  {status:<8}{run.dir}" + (f"  ({why_not})" if why_not else ""))
+    counts = {s: sum(status == s for _, status, _ in plan)
+              for s in ("start", "resume", "retry", "done", "running", "queued", "failed")}
+    print(f"{counts['start']} to start, {counts['resume']} to resume, "
+          + (f"{counts['retry']} to retry (they failed), " if counts["retry"] else "")
+          + f"{counts['done']} already done, {counts['running']} running elsewhere"
+          + (f", {counts['queued']} queued on Slurm" if counts["queued"] else "")
+          + (f", {counts['failed']} failed (run again with --retry_failed)" if counts["failed"]
+             else "") + ".", flush=True)
+    todo = [run for run, status, _ in plan if status in ("start", "resume", "retry")]
     if args.dry_run or not todo:
         return
     folder = sweep_dir / "submitit" / "%j"

@@ -119,6 +119,36 @@ def test_refusals_name_the_option_that_asked():
         "--partition=gpus: no partition gpus on this cluster; sinfo lists cpu, gpu"]
 
 
+def test_exactly_what_a_node_has_is_granted():
+    request = dict(time=2880, gpus_per_node=4, cpus_per_task=32, partition="gpu")
+    assert slurm.refusals(request, offer=OFFER) == []
+    assert slurm.refusals(dict(request, cpus_per_task=2, gpus_per_node=0, partition="cpu"),
+                          offer=OFFER) == []
+
+
+def fake_command(tmp_path, monkeypatch, name, output):
+    """A stand-in for a Slurm command, first on PATH, that prints what a real one printed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}EOF\n")
+    (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_a_partition_offers_what_its_largest_node_has(tmp_path, monkeypatch):
+    """sinfo --Node prints a line per node and partition, in no order of size: the partition
+    offers the most CPUs and GPUs of any of its nodes, not the last node's."""
+    fake_command(tmp_path, monkeypatch, "sinfo",
+                 "big|64|gpu:a100:8(S:0-1)|2-00:00:00\n"
+                 "small|16+|gpu:a100:2|2-00:00:00\n"
+                 "cpu1|4|(null)|infinite\n"
+                 "cpu1|8|(null)|infinite\n".replace("big", "gpu").replace("small", "gpu")
+                 .replace("cpu1", "cpu*"))
+    assert slurm.partitions() == {
+        "gpu": dict(cpus=64, gpus=8, minutes=2880, default=False),
+        "cpu": dict(cpus=8, gpus=0, minutes=None, default=True)}
+
+
 def test_the_queue_is_matched_to_this_sweeps_runs(tmp_path, monkeypatch):
     """squeue, as a stand-in that prints the answer of a real one: job 7_0 of this sweep is
     pending, 7_1 runs; 8_0 is another sweep's job (its batch script is elsewhere), and a job id

@@ -182,6 +182,11 @@ def test_results_table_from_the_sweep(killed_sweep):
     (["--num_epochs", "5"], "--key=value"),
     (["--datasets=mnist", "--variants=det_bc", "--num_unit=8"], "num_unit"),
     (["--datasets=mnist", "--variants=det_bc", "--num_epochs=0"], "num_epochs"),
+    # fault 1 of issue 25: every run failed on it, on the nodes, one by one
+    (["--datasets=mnist", "--data_dir=no_such_folder"], "--data_dir=no_such_folder: no such "
+                                                       f"folder in {ROOT} on this machine"),
+    (["--datasets=mnist", "--data_dir=x", "--data_on_nodes"], "--data_on_nodes is for "
+                                                            "--cluster=slurm"),
 ])
 def test_bad_grid_is_named(tmp_path, args, named):
     proc = run("sweep.py", str(tmp_path / "sweep"), *args)
@@ -308,6 +313,15 @@ def test_a_slurm_sweep_may_name_a_gpu_this_login_node_lacks(tmp_path):
     proc = run("sweep.py", *args, "--cluster=slurm", "--device=gpu",  # still spelled right
                env=without_slurm(tmp_path))
     assert proc.returncode == 2 and "device" in proc.stderr
+    # a data folder that only the compute nodes have: refused unless said so
+    proc = run("sweep.py", *args, "--cluster=slurm", "--data_dir=/on/the/nodes",
+               env=without_slurm(tmp_path))
+    assert proc.returncode == 2 and proc.stderr == (
+        "sweep.py: --data_dir=/on/the/nodes: no such folder on this machine; if it exists on the "
+        "compute nodes only, add --data_on_nodes\n")
+    proc = run("sweep.py", *args, "--cluster=slurm", "--data_dir=/on/the/nodes",
+               "--data_on_nodes", env=without_slurm(tmp_path))
+    assert proc.returncode == 0 and "--data_dir=/on/the/nodes\n" in proc.stdout
     if not torch.cuda.is_available():  # on this machine it would not run
         proc = run("sweep.py", *args, "--device=cuda")
         assert proc.returncode == 2 and "CUDA is not available" in proc.stderr
@@ -385,7 +399,7 @@ def test_each_run_is_told_as_it_ends(tmp_path, monkeypatch, capsys):
         "",
         "[1/3] done mnist_stoch_bc/seed1: test error 1.32 % (41 min)\n",
         "[2/3] done mnist_stoch_bc/seed2 (finished before)\n"
-        "[3/3] failed mnist_stoch_bc/seed3: exit status 1 (30 s; its log.txt says why)\n"]
+        "[3/3] failed mnist_stoch_bc/seed3 (exit status 1, 30 s)\n"]
 
 
 def test_a_failed_job_names_the_runs_it_did_not_run(tmp_path, capsys):
@@ -402,7 +416,7 @@ def test_a_failed_job_names_the_runs_it_did_not_run(tmp_path, capsys):
                           paths=SimpleNamespace(stderr="x/7_0_log.err"))
     assert sweep.wait_local([job], runs, events) == 2
     assert capsys.readouterr().out == (
-        "[1/2] failed mnist_det_bc/seed1: killed by SIGKILL (5 s; its log.txt says why)\n"
+        "[1/2] failed mnist_det_bc/seed1 (killed by SIGKILL, 5 s)\n"
         "job 7 failed: has not produced any output (state: FAILED) (see x/7_0_log.err)\n"
         "[2/2] not run: mnist_det_bc/seed2\n")
 
@@ -411,3 +425,219 @@ def test_runs_per_gpu_below_one_is_refused(tmp_path):
     proc = run("sweep.py", str(tmp_path / "sweep"), "--datasets=mnist", "--runs_per_gpu=0",
                "--dry_run")
     assert proc.returncode == 2 and "--runs_per_gpu=0: give 1 or more" in proc.stderr
+
+
+# A failed run says why (issue 25, fault 1) ----------------------------------------------------
+
+def failing_run(run_dir, code="sys.exit('error: MNIST: missing in /no/such/folder: ...')"):
+    """A stand-in for a RunSpec whose script prints a warning, then its error line, and fails."""
+    script = f"import sys; print('a warning', file=sys.stderr); {code}"
+    return SimpleNamespace(dir=str(run_dir), argv=lambda resume=False: [sys.executable, "-c",
+                                                                        script])
+
+
+def test_a_failed_run_leaves_its_error_line_and_its_job_fails(tmp_path, monkeypatch, capsys):
+    """The job (Lane) passes on the script's stderr, keeps its last line in the run's FAILED note
+    with the files that hold the rest, goes on with its other runs, then raises: a job that
+    returned would end with status 0 ("Job completed successfully"), and Slurm would mark it
+    COMPLETED."""
+    job_log = tmp_path / "submitit" / "7" / "7_0_log.err"
+    job_log.parent.mkdir(parents=True)
+    job_log.write_text("")
+    monkeypatch.setattr(sweep, "_job_log", lambda: str(job_log))
+    failing = failing_run(tmp_path / "sweep" / "mnist_det_bc" / "seed1")
+    fine = failing_run(tmp_path / "sweep" / "mnist_det_bc" / "seed2", code="pass")
+    events = tmp_path / "ended.jsonl"
+    events.write_text("")
+    with pytest.raises(sweep.RunsFailed) as raised:
+        sweep.Lane([failing, fine], str(tmp_path), events=str(events))()
+    assert str(raised.value).splitlines() == [
+        "1 of 2 run(s) failed:",
+        f"{failing.dir} (exit status 1; more in {job_log}): error: MNIST: missing in "
+        "/no/such/folder: ..."]
+    assert "a warning\nerror: MNIST: missing in" in capsys.readouterr().err  # passed on
+    note = json.loads((Path(failing.dir) / sweep.FAILED).read_text())
+    assert note == dict(rc=1, error="error: MNIST: missing in /no/such/folder: ...",
+                        more=[str(job_log)])  # no log.txt: the script left none
+    assert not (Path(fine.dir) / sweep.FAILED).exists()
+    told = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(e["dir"], e["rc"]) for e in told] == [(failing.dir, 1), (fine.dir, 0)]
+    line = sweep.ended_line(failing.dir, 1, 3)
+    assert line == (f"failed mnist_det_bc/seed1 (exit status 1, 3 s; more in {job_log}): "
+                    "error: MNIST: missing in /no/such/folder: ...")
+    # a run that kept its log.txt points to it too; a crash gives its traceback's last line
+    (Path(failing.dir) / "log.txt").write_text("epoch 1 ...\n")
+    crashing = failing_run(failing.dir, code="raise ValueError('a bug')")
+    with pytest.raises(sweep.RunsFailed):
+        sweep.Lane([crashing], str(tmp_path))()
+    assert sweep.failure(failing.dir) == dict(rc=1, error="ValueError: a bug", more=[
+        str(job_log), str(Path(failing.dir).resolve() / "log.txt")])
+    # the next attempt starts without the note; one that ends well leaves none
+    sweep.Lane([failing_run(failing.dir, code="pass")], str(tmp_path))()
+    assert sweep.failure(failing.dir) is None
+
+
+def test_a_failed_run_is_listed_with_its_error_and_run_again_only_when_asked(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    failed = sweep_dir / "mnist_det_bc" / "seed1"
+    failed.mkdir(parents=True)
+    job_log = sweep_dir / "submitit" / "7" / "7_0_log.err"
+    (failed / sweep.FAILED).write_text(json.dumps(dict(
+        rc=1, error="error: the training loss became nan at epoch 1, batch 2; stopping.",
+        more=[str(job_log)])))
+    args = [str(sweep_dir), "--datasets=mnist", "--variants=det_bc", "--seeds=1,2", "--dry_run"]
+    sweep.main(args)
+    out = capsys.readouterr().out
+    why = (f"(exit status 1; more in {job_log}): error: the training loss became nan at epoch 1, "
+           "batch 2; stopping.")
+    assert f"  failed  {failed}  {why}\n" in out
+    assert f"  start   python mnist.py config/mnist_det_bc.py --seed=2 " in out
+    assert out.endswith("1 to start, 0 to resume, 0 already done, 0 running elsewhere, 1 failed "
+                        "(run again with --retry_failed).\n")
+    sweep.main([*args, "--retry_failed"])
+    out = capsys.readouterr().out
+    assert (f"  retry   python mnist.py config/mnist_det_bc.py --seed=1 --out_dir={failed}  "
+            f"(it failed: {why[1:]}\n") in out
+    assert out.endswith("1 to start, 0 to resume, 1 to retry (they failed), 0 already done, "
+                        "0 running elsewhere.\n")
+
+
+def test_the_sweep_skips_the_failures_its_jobs_raise_and_names_a_job_that_crashed(tmp_path,
+                                                                                    capsys):
+    import submitit
+    runs = [sweep.RunSpec("mnist", "det_bc", s, str(tmp_path / "mnist_det_bc" / f"seed{s}"), ())
+            for s in (1, 2)]
+    events = tmp_path / "ended.jsonl"
+    events.write_text("")
+    sweep.Lane(runs, str(tmp_path), events=str(events)).tell(runs[0], 1, 5)
+
+    def raised(error):
+        def result():
+            raise submitit.core.utils.FailedJobError(
+                "Job (task=0) failed during processing with trace:\n----------------------\n"
+                f"Traceback (most recent call last):\n  ...\n{error}\n"
+                "----------------------\nYou can check full logs with ...\n  - x/7_0_log.err")
+        return SimpleNamespace(done=lambda: True, result=result, job_id="7",
+                               paths=SimpleNamespace(stderr="x/7_0_log.err"))
+    assert sweep.wait_local([raised("RunsFailed: 1 of 1 run(s) failed:")], runs[:1], events) == 1
+    assert capsys.readouterr().out == "[1/1] failed mnist_det_bc/seed1 (exit status 1, 5 s)\n"
+    events.write_text("")
+    assert sweep.wait_local([raised("MemoryError: out of memory")], runs[1:], events) == 1
+    assert capsys.readouterr().out == ("job 7 failed: MemoryError: out of memory (see "
+                                       "x/7_0_log.err)\n[1/1] not run: mnist_det_bc/seed2\n")
+
+
+def test_no_stray_job_folder_is_left(tmp_path, monkeypatch, capsys):
+    """submitit's local job controller makes the folder it is given, %j literally
+    (local.py, Controller.start_tasks), beside the real ones."""
+    class Executor:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def update_parameters(self, **params):
+            pass
+
+        def submit(self, lane):
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            return SimpleNamespace(done=lambda: True,
+                                   result=lambda: [(r.dir, 0) for r in lane.runs])
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 0)
+    monkeypatch.setattr(sweep.submitit, "LocalExecutor", Executor)
+    runs = [sweep.RunSpec("mnist", "det_bc", 1, str(tmp_path / "seed1"), ())]
+    sweep.run_local(runs, SimpleNamespace(runs_per_gpu=1, parallel=0, time=0),
+                    tmp_path / "submitit" / "%j")
+    assert list((tmp_path / "submitit").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_run_fails_says_why_and_fails(tmp_path):
+    """The issue's case: a run that diverges to NaN in its first epoch (--H=1e30), through
+    submitit's LocalExecutor."""
+    write_fake_mnist(tmp_path / "data", n_train=300, n_test=100)
+    sweep_dir = tmp_path / "sweep"
+    args = [str(sweep_dir), "--datasets=mnist", "--variants=det_bc", "--seeds=1",
+            f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False", "--train_set_size=200",
+            "--num_units=8", "--batch_size=50", "--num_epochs=2", "--device=cpu",
+            "--compile=false", "--H=1e30"]
+    proc = run("sweep.py", *args)
+    assert proc.returncode == 1
+    [job_dir] = [p for p in (sweep_dir / "submitit").iterdir() if p.is_dir()]  # no %j
+    job_log = job_dir / f"{job_dir.name}_0_log.err"
+    error = "error: the training loss became nan at epoch 1, batch 2; stopping."
+    assert (f"[1/1] failed mnist_det_bc/seed1 (exit status 1, " in proc.stdout
+            and f" s; more in {job_log}): {error}" in proc.stdout)
+    log = job_log.read_text()
+    assert error in log and "Submitted job triggered an exception" in log
+    assert "Job completed successfully" not in log
+    again = run("sweep.py", *args, "--dry_run")
+    assert f"  failed  {sweep_dir / 'mnist_det_bc' / 'seed1'}  (exit status 1; more in " \
+        in again.stdout and error in again.stdout
+
+
+# What the sweep reads: pinned (issue 25, item 6) ----------------------------------------------
+
+def test_a_run_whose_records_cannot_be_read_is_resumed_not_skipped(tmp_path):
+    """A run with a checkpoint but a damaged hparams.json or metrics.jsonl is resumed (the resume
+    rewrites metrics.jsonl, or names the damaged file), never counted as done and skipped."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert sweep.progress(run_dir) == "start"
+    (run_dir / "last.pt").write_bytes(b"")
+    (run_dir / "hparams.json").write_text(json.dumps(dict(hparams=dict(num_epochs=2))))
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    assert sweep.progress(run_dir) == "done"
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
+    assert sweep.progress(run_dir) == "resume"
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    (run_dir / "hparams.json").write_text('{"hparams": {"num_epo')
+    assert sweep.progress(run_dir) == "resume"
+
+
+def test_events_are_told_once_each_and_a_half_written_line_waits(tmp_path, monkeypatch, capsys):
+    """wait_local reads the events file from where it stopped (the offset), over several looks;
+    a line that a job is still writing (no newline yet) is read at the next look, whole."""
+    runs = [sweep.RunSpec("mnist", "det_bc", s, str(tmp_path / "mnist_det_bc" / f"seed{s}"), ())
+            for s in (1, 2, 3)]
+    events = tmp_path / "ended.jsonl"
+    events.write_text("")
+    lines = [json.dumps(dict(dir=r.dir, rc=None, seconds=1)) + "\n" for r in runs]
+    writes = [lines[0], lines[1][:20], lines[1][20:], "", lines[2]]  # one write per look
+    job = SimpleNamespace(done=lambda: not writes, result=lambda: [(r.dir, 0) for r in runs])
+    looks = []
+
+    def sleep(seconds):
+        looks.append(capsys.readouterr().out)
+        with open(events, "a") as f:
+            f.write(writes.pop(0))
+    monkeypatch.setattr(sweep.time, "sleep", sleep)
+    assert sweep.wait_local([job], runs, events) == 0
+    looks.append(capsys.readouterr().out)
+    assert looks == ["", "[1/3] done mnist_det_bc/seed1 (finished before)\n", "",
+                     "[2/3] done mnist_det_bc/seed2 (finished before)\n", "",
+                     "[3/3] done mnist_det_bc/seed3 (finished before)\n"]
+
+
+def test_the_done_line_quotes_the_last_epochs_test_error(tmp_path):
+    run_dir = tmp_path / "mnist_det_bc" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps(dict(epoch=e, test_err=err)) + "\n"
+                for e, err in ((1, 9.87), (2, 3.21), (3, 1.234))))
+    assert sweep.ended_line(str(run_dir), 0, 90) == (
+        "done mnist_det_bc/seed1: test error 1.23 % (90 s)")
+    assert sweep.ended_line(str(run_dir), None, 1) == (
+        "done mnist_det_bc/seed1 (finished before): test error 1.23 %")
+
+
+@pytest.mark.parametrize("rc, signal_name", [(143, "SIGTERM"), (130, "SIGINT")])
+def test_a_run_stopped_by_a_signal_is_stopped_at_a_checkpoint_not_failed(tmp_path, rc,
+                                                                         signal_name):
+    """The script exits 128 + the signal after its checkpoint (rundir.stop): Ctrl-C, or SIGTERM
+    from a job's time limit or pre-emption."""
+    run_dir = tmp_path / "mnist_det_bc" / "seed1"
+    assert sweep.ended_line(str(run_dir), rc, 30) == (
+        f"stopped mnist_det_bc/seed1 at a checkpoint (exit status {rc}, 30 s)")
+    assert getattr(signal, signal_name) == rc - 128
+    job = sweep.Lane([failing_run(run_dir, code=f"sys.exit({rc})")], str(tmp_path))
+    assert job() == [(str(run_dir), rc)]  # no RunsFailed
+    assert sweep.failure(run_dir) is None

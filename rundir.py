@@ -8,6 +8,7 @@
     last.pt        everything a resume needs: model, optimizer, random streams, loop state
     best.pt        the model of the best-validation epoch (§5's "best")
     .lock          held while a script trains in it
+    failed.json    sweep.py's: the error line of the run's last attempt, if it failed
 
 Every script starts with `with start_run(script, config) as run:`; the tools (evaluate,
 export, plot, results, sweep) read runs through the functions at the end of this file. The

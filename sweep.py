@@ -15,8 +15,11 @@ lasagne scripts; --datasets keeps those of some datasets, --variants gives the v
         --out_dir=SWEEP_DIR/<dataset>_<variant>/seedS [--key=value ...]
 
 Running the same command again continues the sweep: finished runs are skipped, a run with a
-checkpoint (last.pt) is continued with --resume (a killed, pre-empted or failed run), the others
-are started. A run that another process is running (it holds SWEEP_DIR/.../.lock) is left alone.
+checkpoint (last.pt) is continued with --resume (a killed or pre-empted run), the others are
+started. A run whose last attempt failed (its job left its error line in SWEEP_DIR/.../failed.json)
+is listed as failed, with that line, and run again only with --retry_failed. A run that another
+process is running (it holds SWEEP_DIR/.../.lock) is left alone. A --data_dir that does not exist
+here is refused; on Slurm, --data_on_nodes says it exists on the compute nodes only.
 
 Jobs go through submitit. --cluster=local (the default) runs them on this machine: one job per GPU
 (or --parallel jobs on the CPU), each running its share of the runs one after another; this command
@@ -25,7 +28,8 @@ waits for them, printing a line as each run ends (Ctrl-C stops them at a checkpo
 one task per run, and returns; a task that reaches its time limit or is pre-empted checkpoints and
 is requeued (a time limit at most --max_timeouts times). A request that no node of the partition
 can satisfy is refused before anything is queued; a run whose job is still in Slurm's queue is
-shown as queued or running and not submitted again. The job logs are in SWEEP_DIR/submitit/.
+shown as queued or running and not submitted again. The job logs are in SWEEP_DIR/submitit/; a
+job whose run failed ends with an error, so Slurm marks it FAILED.
 """
 import argparse
 import contextlib

@@ -175,6 +175,37 @@ def test_the_queue_is_matched_to_this_sweeps_runs(tmp_path, monkeypatch):
 
 # On Slurm -------------------------------------------------------------------------------------
 
+def job_state(job):
+    """Slurm's state of a one-task array job that may have left the queue (kept for MinJobAge,
+    300 s); by the array's id: a while after its end, scontrol no longer knows the task's."""
+    out = slurm.ask("scontrol", "show", "job", job.split("_")[0])
+    return out.split("JobState=")[1].split()[0]
+
+
+@pytest.mark.slow
+def test_a_task_whose_run_failed_is_failed_and_the_sweep_says_why(data):
+    """Issue 25: tasks whose runs stopped with "error: MNIST: ..." exited 0 (COMPLETED, "Job
+    completed successfully"), and the sweep planned them as new starts. The fake files fail the
+    official MD5s (verify_checksums is on), at once."""
+    sweep_dir = data / "failing"
+    args = [str(sweep_dir), "--variants=det_bc",
+            *[a for a in RUN_ARGS if not a.startswith("--verify_checksums")],
+            f"--data_dir={data / 'data'}", *SLURM_ARGS, "--time=60"]
+    assert sweep(*args).returncode == 0
+    [job] = jobs_of(sweep_dir)
+    wait("the failing task", lambda: state(job) is None)
+    assert job_state(job) == "FAILED"
+    log = (sweep_dir / "submitit" / job / f"{job}_0_log.err").read_text()
+    assert "error: corrupt: " in log and "Job completed successfully" not in log
+    again = sweep(*args, "--dry_run")
+    run_dir = sweep_dir / "mnist_det_bc" / "seed1"
+    assert (f"  failed  {run_dir}  (exit status 1; more in "
+            f"{sweep_dir / 'submitit' / job / f'{job}_0_log.err'}): error: corrupt: "
+            in again.stdout), again.stdout
+    assert again.stdout.endswith(", 1 failed (run again with --retry_failed).\n")
+    assert "  retry   python mnist.py" in sweep(*args, "--retry_failed", "--dry_run").stdout
+
+
 @pytest.fixture(scope="module")
 def grid(data):
     """A 2-run grid (det. BC and no regularizer, seed 1) submitted and left to run; beside it,

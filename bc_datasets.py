@@ -29,9 +29,10 @@ import scipy.io
 
 import preprocessing
 from atomic import atomic_write, fsync_dir
+from errors import UserError
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """A dataset file is missing, corrupt or unreadable; the message says what to do."""
 
 

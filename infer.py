@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 import packed
+from errors import UserError, print_error
 from report import mean32, report_lines
 
 FORMAT = "binaryconnect-1bit"
 FORMAT_VERSION = 1
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """An unreadable model or data file; main() prints it on one line and exits 2."""
 
 
@@ -285,9 +286,8 @@ def main(argv=None):
               f"1-bit weights; {n} of {len(labels)} test images"
               + ("" if args.all else f" (full batches of {batch_size}, as the report counts)"))
         print("\n".join(report_lines(dict(test_loss=loss, test_err=err))))
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_error(e)
     return 0
 
 

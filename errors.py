@@ -2,7 +2,7 @@
 
 A UserError is a mistake the user can fix: a value, a path, a data file, a run directory. Its
 message names what is wrong and what to do. Each kind of input has its own subclass (ConfigError
-in configurator.py, DatasetError in bc_datasets.py, RunError in runfiles.py, ModelError in
+in configurator.py, DatasetError in dataset_files.py, RunError in runfiles.py, ModelError in
 infer.py), and every script and tool ends on any of them the same way (print_error, exit):
 `error: <message>` on one line of stderr, and exit status 2, argparse's status for a usage error,
 whatever the input was. Other endings keep their own statuses: a run stopped by a signal 128 + its

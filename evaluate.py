@@ -209,7 +209,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 arithmetic of training
         torch.backends.cudnn.allow_tf32 = False
         mod = importlib.import_module(script)
-        from bc_datasets import DatasetError
+        from dataset_files import DatasetError
         try:
             _, (X_val, y_val), (X_test, y_test) = mod.load_data(hp)
         except DatasetError as e:

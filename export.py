@@ -134,7 +134,8 @@ def _attach_bias(pending, arrays):
 
 def mnist_pixel_mean(data_dir):
     """The training file's per-pixel mean, as bc_datasets centres the training split (§6.1)."""
-    from bc_datasets import DatasetError, mnist_files, mnist_pixels, pixel_mean, read_idx
+    from bc_datasets import mnist_pixels, pixel_mean, read_idx
+    from dataset_files import DatasetError, mnist_files
     name = "train-images-idx3-ubyte.gz"
     try:
         path = mnist_files(data_dir, names=(name,), verify_checksums=False, download=False)[name]

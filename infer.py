@@ -208,11 +208,12 @@ def preprocess(model, images):
 
 def load_test_set(model, data_dir=None, center="own"):
     """(X preprocessed float32, labels int) of the model's dataset's test set."""
-    from bc_datasets import DatasetError  # numpy and scipy only, like this file
+    from dataset_files import DatasetError  # numpy and scipy only, like this file
     dataset, data = model.meta.get("dataset"), model.meta.get("data", {})
     try:
         if dataset == "mnist":
-            from bc_datasets import mnist_files, mnist_split, read_idx
+            from bc_datasets import mnist_split, read_idx
+            from dataset_files import mnist_files
             d = Path(data_dir or data.get("data_dir", "data/mnist"))
             names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
             paths = mnist_files(d, names, verify_checksums=False, download=False)

@@ -27,15 +27,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import errors
 from atomic import atomic_write
+from binary_connect import lr_decay
+from configurator import device_name, select_device
 from errors import UserError
 from report import str2
 from runfiles import LOCK, LOCK_FD, RunError, require_checkpoint
-
-# torch (and the modules that import it) are imported where a run starts, not here: the tools
-# that only read runs (results.py, sweep.py) start without it.
 
 
 class Tee(io.TextIOBase):
@@ -155,7 +155,6 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_torch_save(obj, path):
-    import torch
     with atomic_write(path) as f:
         torch.save(obj, f)
 
@@ -221,10 +220,6 @@ def start_run(script, config):
 
 
 def _start_run(script, config):
-    import torch
-
-    from binary_connect import lr_decay
-    from configurator import device_name, select_device
     resume = config["resume"]
     out = Path(resume or config["out_dir"] or os.path.join(
         "runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))

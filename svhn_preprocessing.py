@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 import bc_datasets
+import dataset_files
 import errors
 from atomic import atomic_write
 from configurator import ConfigError, configure
@@ -175,7 +176,7 @@ def main():
     channels = parse_channels(lcn_channels)
     if chunk_size < 1:
         usage_error(f"--chunk_size={chunk_size}: must be at least 1")
-    files = bc_datasets.svhn_mat_files(data_dir, verify_checksums=verify_checksums)
+    files = dataset_files.svhn_mat_files(data_dir, verify_checksums=verify_checksums)
 
     X_train, y_train = bc_datasets.read_svhn_mat(files["train"])
     X_extra, y_extra = bc_datasets.read_svhn_mat(files["extra"])

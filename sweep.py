@@ -233,11 +233,14 @@ def check_data_paths(overrides, args):
         key, _, value = item[2:].partition("=")
         if key not in DATA_PATHS or args.data_on_nodes or not value:
             continue
-        if not Path(value).expanduser().exists():
-            where = "" if os.path.isabs(os.path.expanduser(value)) else f" in {os.getcwd()}"
+        path = Path(value).expanduser()
+        if not path.exists():
+            where = "" if path.is_absolute() else f" in {os.getcwd()}"
             fail(f"{item}: no such folder{where} on this machine"
                  + ("; if it exists on the compute nodes only, add --data_on_nodes"
                     if args.cluster == "slurm" else ""))
+        if not path.is_dir():
+            fail(f"{item}: not a folder; give the folder that holds the dataset's files")
 
 
 def _ignore_usr2():

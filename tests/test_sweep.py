@@ -185,6 +185,7 @@ def test_results_table_from_the_sweep(killed_sweep):
     # fault 1 of issue 25: every run failed on it, on the nodes, one by one
     (["--datasets=mnist", "--data_dir=no_such_folder"], "--data_dir=no_such_folder: no such "
                                                        f"folder in {ROOT} on this machine"),
+    (["--datasets=mnist", "--data_dir=README.md"], "--data_dir=README.md: not a folder"),
     (["--datasets=mnist", "--data_dir=x", "--data_on_nodes"], "--data_on_nodes is for "
                                                             "--cluster=slurm"),
 ])

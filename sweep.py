@@ -18,8 +18,8 @@ Running the same command again continues the sweep: finished runs are skipped, a
 checkpoint (last.pt) is continued with --resume (a killed or pre-empted run), the others are
 started. A run whose last attempt failed (its job left its error line in SWEEP_DIR/.../failed.json)
 is listed as failed, with that line, and run again only with --retry_failed. A run that another
-process is running (it holds SWEEP_DIR/.../.lock) is left alone. A --data_dir that does not exist
-here is refused; on Slurm, --data_on_nodes says it exists on the compute nodes only.
+process is running (it holds SWEEP_DIR/.../.lock) is left alone. A --data_dir that is not a
+folder here is refused; on Slurm, --data_on_nodes says it exists on the compute nodes only.
 
 Jobs go through submitit. --cluster=local (the default) runs them on this machine: one job per GPU
 (or --parallel jobs on the CPU), each running its share of the runs one after another; this command
@@ -189,9 +189,8 @@ def shown_path(path):
 
 
 def why(rc, error=None, more=(), took=""):
-    """How a failed run ended, then its own error line: "exit status 1, 3 s; more in
-    SWEEP/submitit/5366/5366_0_log.err): error: MNIST: missing in ..." (after an opening
-    parenthesis)."""
+    """How a failed run ended, to follow an opening parenthesis, then its own error line, whole:
+    "exit status 1, 3 s; more in SWEEP/submitit/5366/5366_0_log.err): error: MNIST: ..."."""
     how = ("exit status unknown" if rc is None else
            f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}")
     files = " and ".join(shown_path(f) for f in more)
@@ -205,6 +204,7 @@ def has_checkpoint(run):
 
 
 def why_note(note):
+    """why() for a FAILED note."""
     return why(note.get("rc"), note.get("error"), note.get("more", ()))
 
 
@@ -225,7 +225,7 @@ def check(run, resume, runs_here=True):
 
 
 def check_data_paths(overrides, args):
-    """A data path given that does not exist here: every run would fail on it. On Slurm it may
+    """A data path given that is not a folder here: every run would fail on it. On Slurm it may
     exist on the compute nodes only (--data_on_nodes)."""
     if args.data_on_nodes and args.cluster != "slurm":
         fail("--data_on_nodes is for --cluster=slurm: local runs read their data here")
@@ -290,7 +290,7 @@ class Lane(submitit.helpers.Checkpointable):
             if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
                 break  # stopped at a checkpoint: the sweep is being stopped
             if note:
-                failed.append(f"{run.dir} ({why(**note)}")
+                failed.append(f"{run.dir} ({why_note(note)}")
         if failed:
             # Raised, not returned: the job then ends with a non-zero status, which Slurm marks
             # FAILED (submitit logs a returned value as "Job completed successfully").

@@ -8,7 +8,7 @@
     last.pt        everything a resume needs: model, optimizer, random streams, loop state
     best.pt        the model of the best-validation epoch (§5's "best")
     .lock          held while a script trains in it
-    failed.json    sweep.py's, not the run's: the error line of its last attempt, if that failed
+    failed.json    a sweep's (jobs.py), not the run's: the error of its last attempt, if failed
 
 Every script starts with `with start_run(script, config) as run:`. The tools (evaluate, export,
 plot, results, sweep) read runs through runfiles.py; the checkpoints, last.pt and best.pt, are

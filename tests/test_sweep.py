@@ -20,6 +20,7 @@ from fake_data import write_fake_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import jobs
 import sweep
 
 EPOCHS = 30  # enough epochs of tiny data for the kill to land in the middle of the first run
@@ -264,7 +265,7 @@ def test_time_limit_checkpoints_the_run_and_the_requeued_job_continues_it(tmp_pa
         f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False", "--train_set_size=200",
         "--num_units=8", "--batch_size=50", "--num_epochs=100", "--device=cpu",
         "--compile=false"))
-    lane = sweep.Lane([job], str(ROOT))
+    lane = jobs.Lane([job], str(ROOT))
     returned = []
     thread = threading.Thread(target=lambda: returned.extend(lane()))
     thread.start()
@@ -379,7 +380,7 @@ def test_each_run_is_told_as_it_ends(tmp_path, monkeypatch, capsys):
                                                      + "\n")
     events = tmp_path / "ended.jsonl"
     events.write_text("")
-    lane = sweep.Lane(runs, str(tmp_path), events=str(events))  # what a job tells, as it tells
+    lane = jobs.Lane(runs, str(tmp_path), events=str(events))  # what a job tells, as it tells
     job = SimpleNamespace(ended=False, result=lambda: [(r.dir, 0) for r in runs[:2]]
                           + [(runs[2].dir, 1)])
     job.done = lambda: job.ended
@@ -409,7 +410,7 @@ def test_a_failed_job_names_the_runs_it_did_not_run(tmp_path, capsys):
             for s in (1, 2)]
     events = tmp_path / "ended.jsonl"
     events.write_text("")
-    sweep.Lane(runs, str(tmp_path), events=str(events)).tell(runs[0], -9, 5)
+    jobs.Lane(runs, str(tmp_path), events=str(events)).tell(runs[0], -9, 5)
     def result():
         raise submitit.core.utils.UncompletedJobError("Job 7 (task: 0) with path x\nhas not "
                                                       "produced any output (state: FAILED)")
@@ -445,22 +446,22 @@ def test_a_failed_run_leaves_its_error_line_and_its_job_fails(tmp_path, monkeypa
     job_log = tmp_path / "submitit" / "7" / "7_0_log.err"
     job_log.parent.mkdir(parents=True)
     job_log.write_text("")
-    monkeypatch.setattr(sweep, "_job_log", lambda: str(job_log))
+    monkeypatch.setattr(jobs, "_job_log", lambda: str(job_log))
     failing = failing_run(tmp_path / "sweep" / "mnist_det_bc" / "seed1")
     fine = failing_run(tmp_path / "sweep" / "mnist_det_bc" / "seed2", code="pass")
     events = tmp_path / "ended.jsonl"
     events.write_text("")
-    with pytest.raises(sweep.RunsFailed) as raised:
-        sweep.Lane([failing, fine], str(tmp_path), events=str(events))()
+    with pytest.raises(jobs.RunsFailed) as raised:
+        jobs.Lane([failing, fine], str(tmp_path), events=str(events))()
     assert str(raised.value).splitlines() == [
         "1 of 2 run(s) failed:",
         f"{failing.dir} (exit status 1; more in {job_log}): error: MNIST: missing in "
         "/no/such/folder: ..."]
     assert "a warning\nerror: MNIST: missing in" in capsys.readouterr().err  # passed on
-    note = json.loads((Path(failing.dir) / sweep.FAILED).read_text())
+    note = json.loads((Path(failing.dir) / jobs.FAILED).read_text())
     assert note == dict(rc=1, error="error: MNIST: missing in /no/such/folder: ...",
                         more=[str(job_log)])  # no log.txt: the script left none
-    assert not (Path(fine.dir) / sweep.FAILED).exists()
+    assert not (Path(fine.dir) / jobs.FAILED).exists()
     told = [json.loads(line) for line in events.read_text().splitlines()]
     assert [(e["dir"], e["rc"]) for e in told] == [(failing.dir, 1), (fine.dir, 0)]
     line = sweep.ended_line(failing.dir, 1, 3)
@@ -469,13 +470,13 @@ def test_a_failed_run_leaves_its_error_line_and_its_job_fails(tmp_path, monkeypa
     # a run that kept its log.txt points to it too; a crash gives its traceback's last line
     (Path(failing.dir) / "log.txt").write_text("epoch 1 ...\n")
     crashing = failing_run(failing.dir, code="raise ValueError('a bug')")
-    with pytest.raises(sweep.RunsFailed):
-        sweep.Lane([crashing], str(tmp_path))()
-    assert sweep.failure(failing.dir) == dict(rc=1, error="ValueError: a bug", more=[
+    with pytest.raises(jobs.RunsFailed):
+        jobs.Lane([crashing], str(tmp_path))()
+    assert jobs.failure(failing.dir) == dict(rc=1, error="ValueError: a bug", more=[
         str(job_log), str(Path(failing.dir).resolve() / "log.txt")])
     # the next attempt starts without the note; one that ends well leaves none
-    sweep.Lane([failing_run(failing.dir, code="pass")], str(tmp_path))()
-    assert sweep.failure(failing.dir) is None
+    jobs.Lane([failing_run(failing.dir, code="pass")], str(tmp_path))()
+    assert jobs.failure(failing.dir) is None
 
 
 def test_a_failed_run_is_listed_with_its_error_and_run_again_only_when_asked(tmp_path, capsys):
@@ -483,7 +484,7 @@ def test_a_failed_run_is_listed_with_its_error_and_run_again_only_when_asked(tmp
     failed = sweep_dir / "mnist_det_bc" / "seed1"
     failed.mkdir(parents=True)
     job_log = sweep_dir / "submitit" / "7" / "7_0_log.err"
-    (failed / sweep.FAILED).write_text(json.dumps(dict(
+    (failed / jobs.FAILED).write_text(json.dumps(dict(
         rc=1, error="error: the training loss became nan at epoch 1, batch 2; stopping.",
         more=[str(job_log)])))
     args = [str(sweep_dir), "--datasets=mnist", "--variants=det_bc", "--seeds=1,2", "--dry_run"]
@@ -510,7 +511,7 @@ def test_the_sweep_skips_the_failures_its_jobs_raise_and_names_a_job_that_crashe
             for s in (1, 2)]
     events = tmp_path / "ended.jsonl"
     events.write_text("")
-    sweep.Lane(runs, str(tmp_path), events=str(events)).tell(runs[0], 1, 5)
+    jobs.Lane(runs, str(tmp_path), events=str(events)).tell(runs[0], 1, 5)
 
     def raised(error):
         def result():
@@ -582,16 +583,16 @@ def test_a_run_whose_records_cannot_be_read_is_resumed_not_skipped(tmp_path):
     rewrites metrics.jsonl, or names the damaged file), never counted as done and skipped."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    assert sweep.progress(run_dir) == "start"
+    assert jobs.progress(run_dir) == "start"
     (run_dir / "last.pt").write_bytes(b"")
     (run_dir / "hparams.json").write_text(json.dumps(dict(hparams=dict(num_epochs=2))))
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
-    assert sweep.progress(run_dir) == "done"
+    assert jobs.progress(run_dir) == "done"
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
-    assert sweep.progress(run_dir) == "resume"
+    assert jobs.progress(run_dir) == "resume"
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
     (run_dir / "hparams.json").write_text('{"hparams": {"num_epo')
-    assert sweep.progress(run_dir) == "resume"
+    assert jobs.progress(run_dir) == "resume"
 
 
 def test_events_are_told_once_each_and_a_half_written_line_waits(tmp_path, monkeypatch, capsys):
@@ -639,6 +640,6 @@ def test_a_run_stopped_by_a_signal_is_stopped_at_a_checkpoint_not_failed(tmp_pat
     assert sweep.ended_line(str(run_dir), rc, 30) == (
         f"stopped mnist_det_bc/seed1 at a checkpoint (exit status {rc}, 30 s)")
     assert getattr(signal, signal_name) == rc - 128
-    job = sweep.Lane([failing_run(run_dir, code=f"sys.exit({rc})")], str(tmp_path))
+    job = jobs.Lane([failing_run(run_dir, code=f"sys.exit({rc})")], str(tmp_path))
     assert job() == [(str(run_dir), rc)]  # no RunsFailed
-    assert sweep.failure(run_dir) is None
+    assert jobs.failure(run_dir) is None

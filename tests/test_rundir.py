@@ -365,6 +365,73 @@ def test_full_disk_on_best_checkpoint_does_not_advance_last(tmp_path, monkeypatc
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_full_disk_during_a_background_write_stops_the_run(tmp_path, monkeypatch):
+    """Training writes its checkpoints with CheckpointWriter, in a thread: a write that fails
+    there must stop the run at the next wait(), with the same message as a synchronous save,
+    not vanish with the thread (the run would end with status 0, last.pt stale)."""
+    run, model, optimizer, state = tiny_training_state(tmp_path)
+    checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
+    before = (tmp_path / "last.pt").read_bytes()
+    state.epoch, state.history = 2, [dict(epoch=1), dict(epoch=2)]
+    writer = checkpoints.CheckpointWriter(run)
+    with monkeypatch.context() as m:
+        _FullDisk(m, "last.pt", "write")
+        writer.save(checkpoints.take_checkpoint(run, model, optimizer, state), best=False)
+        with pytest.raises(SystemExit) as e:
+            writer.wait()
+    assert os.strerror(errno.ENOSPC) in str(e.value.code)
+    assert f"--resume={tmp_path}" in str(e.value.code)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    writer.wait()  # raised once: the writer is usable again
+
+
+def _version_1(checkpoint):
+    """A version-2 checkpoint written as version 1 wrote it: Adam's step counts as ints under
+    "t", no draw counters in the model, the random streams without their kind and device, no
+    elapsed time."""
+    checkpoint = dict(checkpoint, version=1)
+    checkpoint["optimizer"]["state"] = {
+        k: dict({n: v for n, v in s.items() if n != "step"}, t=int(s["step"]))
+        for k, s in checkpoint["optimizer"]["state"].items()}
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if not k.endswith("draws")}
+    checkpoint["rng"] = {k: v for k, v in checkpoint["rng"].items() if k not in ("kind", "device")}
+    del checkpoint["elapsed"]
+    return checkpoint
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_a_version_1_checkpoint_resumes_with_its_draws_counted(tmp_path, capsys, stochastic):
+    """Version 1 had no draw counters: every stochastic layer drew once per step taken, and a
+    resume that counts them from 0 would start the counter streams over (the same draws
+    again). Its step counts become version 2's float64 tensors."""
+    import binary_connect as bc
+    np.random.seed(0)
+    model = models.mlp(num_units=8, n_hidden_layers=1, n_inputs=4, stochastic=stochastic)
+    optimizer = bc.make_optimizer(model, 1e-3)
+    x, t = torch.randn(6, 4), torch.sign(torch.randn(6, 10))
+    steps = 3
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.square(torch.clamp(1 - t * model(x), min=0)).mean().backward()
+        optimizer.step()
+    run = rundir.Run("mnist", dict(seed=0), tmp_path, torch.device("cpu"), resume=True)
+    state = checkpoints.Progress(order=np.arange(6), LR=1e-3, epoch=1, history=[dict(epoch=1)])
+    torch.save(_version_1(checkpoints.take_checkpoint(run, model, optimizer, state)),
+               tmp_path / "last.pt")
+    np.random.seed(0)
+    fresh = models.mlp(num_units=8, n_hidden_layers=1, n_inputs=4, stochastic=stochastic)
+    fresh_optimizer = bc.make_optimizer(fresh, 1e-3)
+    progress = checkpoints.load_checkpoint(run, fresh, fresh_optimizer, 6)
+    assert progress.epoch == 1 and progress.elapsed == 0.
+    for m in bc.binary_layers(fresh):
+        assert int(m.draws) == (steps if stochastic else 0)
+    for p in fresh_optimizer._all:
+        step = fresh_optimizer.state[p]["step"]
+        assert step.dtype == torch.float64 and float(step) == steps
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
 # 3. NaN --------------------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_naming_epoch_and_batch(work, tmp_path):

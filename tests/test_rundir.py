@@ -606,6 +606,31 @@ def test_a_directory_another_process_trains_in_is_refused_untouched(work, tmp_pa
 
 
 
+def test_only_the_lock_file_itself_passes_as_an_inherited_lock(tmp_path, monkeypatch):
+    """sweep.py holds the lock and passes its descriptor in LOCK_FD; any other descriptor there
+    (a stale variable in the environment, another run's lock) must not let a process train
+    without the lock."""
+    import fcntl
+    (tmp_path / rundir.LOCK).write_text("")
+    holder = open(tmp_path / rundir.LOCK, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: another process's
+    other = open(tmp_path / "other", "w")
+    try:
+        monkeypatch.setenv(rundir.LOCK_FD, str(other.fileno()))
+        with pytest.raises(SystemExit, match="is in use"):
+            rundir.lock(tmp_path)
+        monkeypatch.setenv(rundir.LOCK_FD, str(holder.fileno()))
+        rundir.lock(tmp_path)  # the lock held for it
+        assert tmp_path.resolve() not in rundir._locks
+    finally:
+        holder.close()
+        other.close()
+    monkeypatch.setenv(rundir.LOCK_FD, "not a number")
+    rundir.lock(tmp_path)  # free now: taken
+    assert tmp_path.resolve() in rundir._locks
+    rundir.unlock(tmp_path)
+
+
 def test_existing_run_dir_without_resume_is_refused(work, reference, tmp_path):
     source, _, _ = reference(True)
     out = tmp_path / "existing"

@@ -174,6 +174,12 @@ def test_a_resume_that_gave_new_data_paths(tmp_path):
     assert resolve(run_dir, resumed["hparams"])["data_dir"] == str(tmp_path / "second" / "moved")
     assert resolve(run_dir, record["hparams"])["data_dir"] == str(tmp_path / "first" / "data" /
                                                                   "mnist")
+    # the same relative path given again in a later resume: the latest start's directory
+    again = dict(record, cwd=str(tmp_path / "third"))
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(again) + "\n")
+    assert resolve(run_dir, record["hparams"])["data_dir"] == str(tmp_path / "third" / "data" /
+                                                                  "mnist")
 
 
 # The checkpoint a tool reads -------------------------------------------------------------------

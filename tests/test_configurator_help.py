@@ -279,6 +279,21 @@ def test_LR_fin_above_LR_start_is_refused(capsys):
     assert mnist_config(["--LR_fin=0.001"])["LR_fin"] == 0.001  # a constant LR is fine
 
 
+def test_sizes_the_official_files_cannot_hold_are_refused_before_loading(capsys):
+    """mnist.py's validation set is the rest of the 60000-image training file and its test set
+    has 10000 images: a size they cannot hold is refused here, not after loading (or on a Slurm
+    node)."""
+    assert mnist_config(["--train_set_size=59900"])["train_set_size"] == 59900  # 100 left
+    for argv, says in ((["--train_set_size=59950"], "train_set_size must be at most 59900 with "
+                                                    "batch_size=100"),
+                       (["--batch_size=20000", "--train_set_size=40000"],
+                        "batch_size must be at most 10000, the size of the test set")):
+        with pytest.raises(SystemExit) as excinfo:
+            mnist_config(argv)
+        assert excinfo.value.code == 2
+        assert says in capsys.readouterr().err
+
+
 def test_help_and_errors_stay_fast_without_torch():
     """torch is imported only to ask whether a named accelerator exists."""
     code = ("import sys, runpy, configurator as c\n"

@@ -211,6 +211,8 @@ def test_graph_schedule_gives_the_compiled_step_without_compiling(standin, uncom
 
 def test_a_first_replay_that_differs_drops_the_graph_without_compiling(standin, uncompiled,
                                                                        capsys):
+    """A graph that does nothing (one captured on another device's stream): the check after
+    the capture names what differs, and the run goes on with the compiled step's numbers."""
     compiled_losses, compiled, _ = _run("mlp", True, "compiled", steps=8)
     standin.replay_does_nothing = True
     losses, state, mode = _run("mlp", True, "graph", steps=8)

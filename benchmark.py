@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import binary_connect
 import fast_step
 import training
-from configurator import ConfigError, hyperparameters, parse_value
+from configurator import ConfigError, hyperparameters, parse_value, select_device
 
 # What a full run of each script does: steps per epoch, epochs, images evaluated per epoch.
 NETS = dict(mnist=dict(steps_per_epoch=500, epochs=250, eval_images=20000),
@@ -270,7 +270,10 @@ def main(argv=None):
         parser.error(f"--nets: unknown {', '.join(unknown)}; choose among {', '.join(NETS)}")
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
-    device = fast_step.select_device(args.device)
+    try:
+        device = select_device(args.device)
+    except ConfigError as e:
+        parser.error(str(e))
     if args.precisions == "auto":
         args.precisions = "fp32,tf32,bf16" if device.type == "cuda" else "fp32"
     precisions = args.precisions.split(",")

@@ -13,7 +13,8 @@ import torch
 
 from binary_connect import binary_layers
 from fast_step import to_host
-from rundir import RUN_FILES, RunError, atomic_torch_save, log_metrics
+from rundir import atomic_torch_save, log_metrics
+from runfiles import RUN_FILES, RunError
 
 # 2: optimizer state as tensors ("step"), the layers' draw counters in the model, the stream kind.
 CHECKPOINT_VERSION = 2
@@ -166,15 +167,15 @@ def load_checkpoint(run, model, optimizer, n_train):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
+        raise RunError(f"cannot read checkpoint {path}: {e}") from None
     if checkpoint.get("version") not in (1, CHECKPOINT_VERSION):
-        raise SystemExit(f"error: {path} is a version {checkpoint.get('version')} checkpoint; "
-                         f"this code reads versions 1 and {CHECKPOINT_VERSION}")
+        raise RunError(f"{path} is a version {checkpoint.get('version')} checkpoint; this code "
+                       f"reads versions 1 and {CHECKPOINT_VERSION}")
     if checkpoint["version"] == 1:
         checkpoint = _upgrade(checkpoint, model)
     if len(checkpoint["order"]) != n_train:  # the shuffle order indexes the training set
-        raise SystemExit(f"error: {path} was trained on {len(checkpoint['order'])} training "
-                         f"examples, but the data now gives {n_train}: resume with the same data")
+        raise RunError(f"{path} was trained on {len(checkpoint['order'])} training examples, "
+                       f"but the data now gives {n_train}: resume with the same data")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     set_rng_states(model, checkpoint["rng"], run.device)

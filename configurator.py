@@ -4,8 +4,10 @@ The hyperparameters are the plain assignments at the top of a script (ints, floa
 A config file is a Python file of such assignments, applied first; `--key=value` overrides are
 then parsed to the type of the default, and every value is checked against CHECKS. A mistake stops
 the script before it writes or loads anything, with one line naming the key, the value and what is
-accepted, and exit status 2 (argparse's status for usage errors). `--help` (or `-h`) prints the
-script's docstring and its hyperparameters with their defaults and comments, read from its source.
+accepted, and exit status 2 (errors.py's rule for every user error). `--help` (or `-h`) prints
+the script's docstring and its hyperparameters with their defaults and comments, read from its
+source. select_device makes the checked device setting a torch.device, for the scripts and for the
+tools that take --device.
 """
 import ast
 import contextlib
@@ -17,6 +19,10 @@ import textwrap
 import tokenize
 import traceback
 from pathlib import Path
+
+import errors
+from errors import UserError
+from runfiles import read_record, require_checkpoint
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -34,15 +40,8 @@ def parse_bool(text):
 WIDTH = 99  # --help fits a 100-column terminal
 
 
-class ConfigError(SystemExit):
-    """A usage mistake; configure() prints it to stderr before the exit."""
-
-    def __init__(self, message):
-        super().__init__(2)
-        self.message = "error: " + message
-
-    def __str__(self):
-        return self.message
+class ConfigError(UserError):
+    """A mistaken setting: the message names the key, the value and what is accepted."""
 
 
 def _a(kind):
@@ -103,22 +102,48 @@ def _auto_or_bool(v):
 
 
 def _device(v):
-    match = re.fullmatch(r"auto|cpu|mps|cuda(?::(\d+))?", v)
-    if not match:
-        raise ValueError
-    if v in ("auto", "cpu") or not _check_devices_here:
+    if re.fullmatch(r"auto|cpu|mps|cuda(?::\d+)?", v):
         return v
+    raise ValueError
+
+
+def _check_device_here(v):
+    """ValueError unless this machine has the device `v` names (a checked spelling)."""
+    if v in ("auto", "cpu"):
+        return
     import torch  # takes a second or two: only when a device may be missing
     if v == "mps":
         if torch.backends.mps.is_available():
-            return v
+            return
         raise ValueError("MPS is not available on this machine (try auto or cpu)")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if int(match[1] or 0) < count:
-        return v
+    if int(v.partition(":")[2] or 0) < count:
+        return
     if count == 0:
         raise ValueError("CUDA is not available on this machine (try auto or cpu)")
     raise ValueError(f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def select_device(name):
+    """The torch.device of a device setting, checked as configure() checks it (so the tools that
+    take --device say the same); auto is CUDA when present, else the CPU."""
+    import torch
+    check, accepted = CHECKS["device"]
+    try:
+        name = check(name)
+        _check_device_here(name)
+    except ValueError as e:
+        raise ConfigError(f"device={name!r}: {str(e) or 'device ' + accepted}") from None
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_name(device):
+    """The device as the report and hparams.json give it: with the GPU's name on CUDA."""
+    import torch
+    return str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+                          else "")
 
 
 def _channels(v):  # svhn_preprocessing.parse_channels' rule
@@ -234,13 +259,11 @@ def _resume(config, explicit, origin, script):
     setting that contradicts them would silently change the experiment, so it is refused, and so
     is a run that another script made (its data and network are another experiment's)."""
     run_dir = Path(config["resume"])
-    if not (run_dir / "last.pt").exists():
-        raise ConfigError(f"--resume={run_dir}: no checkpoint {run_dir / 'last.pt'} to resume")
+    require_checkpoint(config["resume"])
     path = run_dir / "hparams.json"
-    from rundir import RunError, read_record  # here: rundir imports this module
     try:
         record = read_record(run_dir)
-    except RunError as e:
+    except UserError as e:
         raise ConfigError(f"--resume={config['resume']}: {e}") from None
     stored = record["hparams"]
     made_by = record.get("script")
@@ -263,35 +286,28 @@ def _resume(config, explicit, origin, script):
     config["out_dir"] = str(run_dir)
 
 
-# False while a command meant for another machine is checked (sweep.py --cluster=slurm on a login
-# node): a device is then checked for its spelling only.
-_check_devices_here = True
-
-
 def configure(globals_dict, argv=None, runs_here=True):
     """Apply config files and --key=value overrides from argv (sys.argv[1:]) to the script's
     globals; returns the dict of hyperparameters after overrides. With --resume=RUN_DIR the
     run's stored hyperparameters replace the script's defaults. --help or -h prints the help and
-    exits 0; a mistake prints one line to stderr and exits 2. runs_here=False checks a command
-    that will run on another machine: a --device it names need not exist on this one."""
-    global _check_devices_here
+    exits 0; a mistake ends the script by errors.py's rule (one line, exit status 2)."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(help_text(globals_dict))
         raise SystemExit(0)
-    _check_devices_here = runs_here
     try:
-        config = _configure(globals_dict, argv)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        raise
-    finally:
-        _check_devices_here = True
+        config = parse(globals_dict, argv, runs_here)
+    except UserError as e:
+        raise errors.exit(e) from None
     globals_dict.update(config)
     return config
 
 
-def _configure(globals_dict, argv):
+def parse(globals_dict, argv, runs_here=True):
+    """configure()'s work, without --help or the exit: the hyperparameters after argv's config
+    files and overrides, or a UserError (a ConfigError; a RunError for a run that cannot be
+    resumed). runs_here=False checks a command that will run on another machine (sweep.py
+    --cluster=slurm on a login node): a --device it names need only be spelled right."""
     config = hyperparameters(globals_dict)
     script = Path(globals_dict.get("__file__", "the script")).name
     origin = {k: f"{script}: {k} = {v!r}" for k, v in config.items()}  # where each value came from
@@ -322,6 +338,11 @@ def _configure(globals_dict, argv):
     if config.get("resume"):
         _resume(config, explicit, origin, Path(script).stem)
     _check_values(config, config, origin)
+    if runs_here and "device" in config:
+        try:
+            _check_device_here(config["device"])
+        except ValueError as e:
+            raise ConfigError(f"{origin['device']}: {e}") from None
     if config.get("LR_fin", 0) > config.get("LR_start", float("inf")):
         raise ConfigError(f"{origin['LR_fin']}: LR_fin must not be above LR_start "
                           f"({config['LR_start']}): the learning rate would grow every epoch")

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from checkpoints import read_checkpoint
-from rundir import RunError, read_record, resolve_data_paths
+from errors import UserError, print_error
+from runfiles import read_record, resolve_data_paths
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = ("mnist", "cifar10", "svhn")
@@ -37,11 +38,6 @@ MODE_TITLES = {
     "sign": "sign of W (W >= 0 -> +H)",
     "ensemble": "mean output of {samples} sampled binary network{s} (seed {seed})",
 }
-
-
-class UserError(Exception):
-    """A problem the user can fix (a bad option); main() prints it on one line and exits 2, as it
-    does a RunError (a run file missing or damaged)."""
 
 
 def load_trained(path, checkpoint=None, script=None, overrides=None):
@@ -171,14 +167,6 @@ def format_block(title, m):
     return "\n".join([f"Test-time mode: {title}"] + report_lines(m))
 
 
-def _device(name):
-    from fast_step import select_device
-    try:
-        return select_device(name)
-    except SystemExit as e:  # its message names the device and what is accepted
-        raise UserError(str(e.code).removeprefix("error: ")) from None
-
-
 def _bool(text):
     from configurator import parse_bool
     try:
@@ -211,7 +199,8 @@ def main(argv=None):
     try:
         if args.samples < 1:
             raise UserError(f"--samples={args.samples}: must be at least 1")
-        device = _device(args.device)
+        from configurator import select_device
+        device = select_device(args.device)
         overrides = dict(data_dir=args.data_dir, SVHN_LOCAL_PATH=args.SVHN_LOCAL_PATH,
                          verify_checksums=args.verify_checksums)
         model, hp, script, ckpt, ckpt_path = load_trained(args.path, args.checkpoint, args.script,
@@ -220,7 +209,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 arithmetic of training
         torch.backends.cudnn.allow_tf32 = False
         mod = importlib.import_module(script)
-        from bc_datasets import DatasetError
+        from dataset_files import DatasetError
         try:
             _, (X_val, y_val), (X_test, y_test) = mod.load_data(hp)
         except DatasetError as e:
@@ -244,9 +233,8 @@ def main(argv=None):
                                  args.samples, args.seed)
         for mode in modes:
             print(format_block(mode_title(mode, hp, args.samples, args.seed), results[mode]))
-    except (UserError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_error(e)
     return 0
 
 

@@ -35,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic import atomic_write
-from evaluate import UserError, load_trained
+from errors import UserError, print_error
+from evaluate import load_trained
 from infer import FORMAT, FORMAT_VERSION
-from rundir import RunError
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
 STOCHASTIC_NOTE = ("stochastic BC network exported as the sign of its real-valued weights "
@@ -134,7 +134,8 @@ def _attach_bias(pending, arrays):
 
 def mnist_pixel_mean(data_dir):
     """The training file's per-pixel mean, as bc_datasets centres the training split (§6.1)."""
-    from bc_datasets import DatasetError, mnist_files, mnist_pixels, pixel_mean, read_idx
+    from bc_datasets import mnist_pixels, pixel_mean, read_idx
+    from dataset_files import DatasetError, mnist_files
     name = "train-images-idx3-ubyte.gz"
     try:
         path = mnist_files(data_dir, names=(name,), verify_checksums=False, download=False)[name]
@@ -198,7 +199,7 @@ def export(path, out, checkpoint=None, data_dir=None, script=None, log=print):
     pre, extra = preprocessing(script, hp, data_dir)
     data = {k: hp[k] for k in ("data_dir", "SVHN_LOCAL_PATH", "train_set_size",
                                "verify_checksums", "batch_size") if k in hp}
-    if data_dir is not None:  # absolute, like the run's own (rundir.resolve_data_paths)
+    if data_dir is not None:  # absolute, like the run's own (runfiles.resolve_data_paths)
         data["data_dir" if script != "svhn" else "SVHN_LOCAL_PATH"] = os.path.abspath(data_dir)
     meta = dict(dataset=script, variant=variant(hp), preprocessing=pre, data=data,
                 weights=STOCHASTIC_NOTE if stochastic else
@@ -233,9 +234,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         export(args.path, args.out, args.checkpoint, args.data_dir, args.script)
-    except (UserError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_error(e)
     return 0
 
 

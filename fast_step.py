@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from binary_connect import BinaryLayerMixin, binary_layers, squared_hinge_loss
-from configurator import CHECKS
 
 # CPU runs with compile="auto" compile networks with at least this many binary weights (the
 # paper's: 6.4 M to 14 M), where benchmark.py measured the compiled step about twice as fast;
@@ -37,24 +36,6 @@ from configurator import CHECKS
 AUTO_COMPILE_CPU_WEIGHTS = 1_000_000
 WARMUP_STEPS = 3  # compiled steps run before a CUDA graph is captured
 COMPILE_CACHE_ENTRIES = 64  # per compiled function, in one process (see _allow_recompiles)
-
-
-def select_device(name):
-    """The torch.device of a device setting, checked as the configurator checks it (so the
-    tools that take --device say the same); auto is CUDA when present, else the CPU."""
-    check, accepted = CHECKS["device"]
-    try:
-        name = check(name)
-    except ValueError as e:
-        raise SystemExit(f"error: device={name!r}: {str(e) or 'device ' + accepted}") from None
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def device_name(device):
-    return str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-                          else "")
 
 
 class Split:

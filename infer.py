@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 import packed
+from errors import UserError, print_error
 from report import mean32, report_lines
 
 FORMAT = "binaryconnect-1bit"
 FORMAT_VERSION = 1
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """An unreadable model or data file; main() prints it on one line and exits 2."""
 
 
@@ -207,11 +208,12 @@ def preprocess(model, images):
 
 def load_test_set(model, data_dir=None, center="own"):
     """(X preprocessed float32, labels int) of the model's dataset's test set."""
-    from bc_datasets import DatasetError  # numpy and scipy only, like this file
+    from dataset_files import DatasetError  # numpy and scipy only, like this file
     dataset, data = model.meta.get("dataset"), model.meta.get("data", {})
     try:
         if dataset == "mnist":
-            from bc_datasets import mnist_files, mnist_split, read_idx
+            from bc_datasets import mnist_split, read_idx
+            from dataset_files import mnist_files
             d = Path(data_dir or data.get("data_dir", "data/mnist"))
             names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
             paths = mnist_files(d, names, verify_checksums=False, download=False)
@@ -285,9 +287,8 @@ def main(argv=None):
               f"1-bit weights; {n} of {len(labels)} test images"
               + ("" if args.all else f" (full batches of {batch_size}, as the report counts)"))
         print("\n".join(report_lines(dict(test_loss=loss, test_err=err))))
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_error(e)
     return 0
 
 

@@ -35,7 +35,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from atomic import atomic_write
 from results import variant
 from checkpoints import checkpoint_path, read_checkpoint
-from rundir import RunError, find_runs, read_metrics, read_record
+from errors import UserError, print_error
+from runfiles import RunError, find_runs, read_metrics, read_record
 
 # Below this many epochs every point gets a marker: a one-epoch curve is a single point, which a
 # line alone does not draw.
@@ -43,7 +44,7 @@ MARKER_EPOCHS = 30
 
 
 def curve_metrics(run_dir):
-    """The run's metrics.jsonl lines (rundir.read_metrics), each holding what a curve needs."""
+    """The run's metrics.jsonl lines (runfiles.read_metrics), each holding what a curve needs."""
     path = Path(run_dir) / "metrics.jsonl"
     metrics = read_metrics(run_dir)
     if not metrics:
@@ -344,9 +345,8 @@ def main(argv=None):
             plot_weight_histogram(d, path, layer=args.layer, checkpoint=args.checkpoint,
                                   name=name)
             print(path)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_error(e)
     return 0
 
 

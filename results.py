@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from configurator import hyperparameters
-from rundir import RunError, find_runs, is_finished, read_metrics, read_record, read_resumes
+from errors import UserError, print_error
+from runfiles import RunError, find_runs, is_finished, read_metrics, read_record, read_resumes
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR-10", "svhn": "SVHN"}
@@ -176,7 +177,7 @@ def group(runs):
 
 
 def read_runs(paths):
-    """The runs at or below `paths` (rundir.find_runs), each read once; an unreadable one is
+    """The runs at or below `paths` (runfiles.find_runs), each read once; an unreadable one is
     left out and named in the notes."""
     runs, notes = [], []
     for run_dir in find_runs(*paths):
@@ -285,11 +286,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         runs, notes = read_runs(args.run_dirs)
-    except RunError as e:
-        sys.exit(f"results.py: {e}")
-    if not runs:
-        sys.exit("\n".join(notes + ["results.py: no readable run directories under "
-                                     + " ".join(args.run_dirs)]))
+        if not runs:
+            print("\n".join(notes), file=sys.stderr)
+            raise RunError("no readable run directories under " + " ".join(args.run_dirs))
+    except UserError as e:
+        return print_error(e)
     done = [r for r in runs if r["finished"]]
     rows = group(done)
     lines = notes_for(rows, [r for r in runs if not r["finished"]], notes)
@@ -298,4 +299,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

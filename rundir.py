@@ -1,4 +1,4 @@
-"""The run directory: the only code that reads or writes a run's files.
+"""The run directory, written: with checkpoints.py, the only code that writes a run's files.
 
     hparams.json   the script, its hyperparameters, git commit, versions, working directory
                    (as the run began)
@@ -9,9 +9,9 @@
     best.pt        the model of the best-validation epoch (§5's "best")
     .lock          held while a script trains in it
 
-Every script starts with `with start_run(script, config) as run:`; the tools (evaluate,
-export, plot, results, sweep) read runs through the functions at the end of this file. The
-checkpoints, last.pt and best.pt, are checkpoints.py's.
+Every script starts with `with start_run(script, config) as run:`. The tools (evaluate, export,
+plot, results, sweep) read runs through runfiles.py; the checkpoints, last.pt and best.pt, are
+checkpoints.py's.
 """
 import datetime
 import fcntl
@@ -26,12 +26,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+import errors
 from atomic import atomic_write
+from binary_connect import lr_decay
+from configurator import device_name, select_device
+from errors import UserError
 from report import str2
-
-# torch (and the modules that import it) are imported where a run starts, not here: the tools
-# that only read runs (results.py, sweep.py) start without it.
+from runfiles import LOCK, LOCK_FD, RunError, require_checkpoint
 
 
 class Tee(io.TextIOBase):
@@ -86,8 +89,8 @@ class Run:
             message, code = ("interrupted; the last checkpoint is kept: resume with: python "
                              f"{self.script}.py --resume={self.out_dir}" if kept else
                              "interrupted before the first epoch ended; nothing was kept"), 130
-        elif issubclass(kind, _dataset_error()):
-            message, code = f"error: {value}", 1
+        elif issubclass(kind, UserError):
+            message, code = errors.line(value), errors.EXIT_STATUS
         elif issubclass(kind, SystemExit):
             message = value.code if isinstance(value.code, str) else None
             code = 1 if message else value.code
@@ -125,11 +128,6 @@ class Run:
             _rmdir_if_empty(directory)
 
 
-def _dataset_error():
-    from bc_datasets import DatasetError
-    return DatasetError
-
-
 def _rmdir_if_empty(path):
     try:
         path.rmdir()
@@ -156,13 +154,10 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_torch_save(obj, path):
-    import torch
     with atomic_write(path) as f:
         torch.save(obj, f)
 
 
-LOCK = ".lock"
-LOCK_FD = "BINARYCONNECT_LOCK_FD"  # sweep.py holds the lock for the script it starts
 _locks = {}  # run directory -> its open lock file, held by this process
 
 
@@ -189,8 +184,8 @@ def lock(out):
         holder = f.read().strip()
         f.close()
         who = f"another process (pid {holder})" if holder else "another process"
-        raise SystemExit(f"error: {out} is in use: {who} is training in it; wait for it to end, "
-                         "or choose another --out_dir") from None
+        raise RunError(f"{out} is in use: {who} is training in it; wait for it to end, or "
+                       "choose another --out_dir") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -207,23 +202,28 @@ def unlock(out, remove=False):
 
 
 def _holds_a_run(out):
-    return SystemExit(f"error: {out} already holds a run; continue it with --resume={out} or "
-                      "choose another --out_dir")
+    return RunError(f"{out} already holds a run; continue it with --resume={out} or choose "
+                    "another --out_dir")
 
 
 def start_run(script, config):
     """Seeds, device, run directory and log, then the original's start-up print of every
     hyperparameter. `config` must hold seed, device, out_dir and resume. Use it as a context
-    (`with start_run(...) as run:`) around the rest of the script."""
-    import torch
+    (`with start_run(...) as run:`) around the rest of the script. A mistake (a run to resume
+    that has no checkpoint, an out_dir that holds another run or cannot be written, a device
+    this machine lacks) ends the script by errors.py's rule."""
+    try:
+        return _start_run(script, config)
+    except UserError as e:
+        raise errors.exit(e) from None
 
-    from binary_connect import lr_decay
-    from fast_step import device_name, select_device
+
+def _start_run(script, config):
     resume = config["resume"]
     out = Path(resume or config["out_dir"] or os.path.join(
         "runs", f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
-    if resume and not (out / "last.pt").exists():
-        raise SystemExit(f"error: --resume={resume}: no checkpoint {out / 'last.pt'} to resume")
+    if resume:
+        require_checkpoint(resume)
     if not resume and (out / "last.pt").exists():
         raise _holds_a_run(out)
     device = select_device(config["device"])
@@ -235,12 +235,12 @@ def start_run(script, config):
     except OSError as e:
         for p in created:
             _rmdir_if_empty(p)
-        raise SystemExit(f"error: cannot write to out_dir {out}: {e.strerror or e}") from None
+        raise RunError(f"cannot write to out_dir {out}: {e.strerror or e}") from None
     try:
         lock(out)
         if not resume and (out / "last.pt").exists():  # again under the lock: no race
             raise _holds_a_run(out)
-    except SystemExit:
+    except UserError:
         unlock(out, remove=bool(created))
         for p in created:
             _rmdir_if_empty(p)
@@ -316,130 +316,3 @@ def log_metrics(run, history):
     report and the checkpoint never keeps a line that its resume would repeat."""
     text = "".join(json.dumps(m) + "\n" for m in history)
     atomic_write_bytes(run.path("metrics.jsonl"), text.encode())
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading runs: what the tools use
-#
-# evaluate, export, plot, results and sweep (and configurator, for --resume) read run directories
-# through these functions alone: one reader per kind of file, one shape, one rule for a damaged
-# file. A problem the user can fix raises RunError, whose message names the file.
-
-class RunError(Exception):
-    """A run file that is missing or damaged; the message names it and says what to do. The
-    tools print it on one line."""
-
-
-RUN_FILES = ("written by mnist.py, cifar10.py or svhn.py (hparams.json, metrics.jsonl, last.pt, "
-             "best.pt)")
-DATA_PATHS = ("data_dir", "SVHN_LOCAL_PATH")  # relative to the directory the run was started in
-
-
-def read_record(run_dir):
-    """hparams.json: {"script", "hparams", "git_commit", "git_dirty", "versions", "device",
-    "started", "cwd"}, as the run began (cwd: since the record had it)."""
-    path = Path(run_dir) / "hparams.json"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing; {run_dir} is not a run directory {RUN_FILES}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        record = json.loads(text)
-    except ValueError as e:
-        raise RunError(f"{path}: not valid JSON ({e}); a training run writes it when it "
-                       "starts") from None
-    if not isinstance(record, dict) or not isinstance(record.get("hparams"), dict):
-        raise RunError(f"{path}: not the record a training run writes (a JSON object with the "
-                       "run's \"script\" and \"hparams\")")
-    return record
-
-
-def read_resumes(run_dir):
-    """resumes.jsonl: one record like hparams.json's per resume ([] for a run never resumed)."""
-    return _read_jsonl(Path(run_dir) / "resumes.jsonl")
-
-
-def read_metrics(run_dir):
-    """metrics.jsonl: one dict per evaluated epoch, [] before the first. A last line cut short
-    (a copy cut short, a run killed while writing it) is left out with one warning line on
-    stderr; a damaged line before the last is an error."""
-    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
-
-
-_warned = set()  # (file, line number, text): a tool that reads a run twice warns once
-
-
-def _read_jsonl(path):
-    try:
-        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise RunError(f"{path}: cannot be read ({e.strerror or e})") from None
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    rows = []
-    for i, line in numbered:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        elif i == numbered[-1][0]:
-            key = (str(path.resolve()), i, line)
-            if key not in _warned:
-                _warned.add(key)
-                print(f"warning: {path}: line {i}, the last, is cut short or not a JSON object "
-                      "(a copy cut short, or a run killed while writing it); it is left out",
-                      file=sys.stderr, flush=True)
-        else:
-            raise RunError(f"{path}: line {i} of {len(lines)} is not a JSON object; only a cut "
-                           "last line is left out: repair or delete that line")
-    return rows
-
-
-def is_finished(hparams, metrics):
-    """Has the run trained its last epoch? Its metrics.jsonl has the line of its num_epochs."""
-    return any(m.get("epoch") == hparams.get("num_epochs") for m in metrics)
-
-
-def find_runs(*paths):
-    """The run directories at or below each path (a run directory, or a sweep directory above
-    some): every directory holding an hparams.json, each once (as the first path reached it), in
-    the order of the paths, sorted below each."""
-    found = {}
-    for path in map(Path, paths):
-        if not path.is_dir():
-            raise RunError(f"{path}: " + ("not a directory; give run directories or a sweep "
-                                          "directory above some" if path.exists() else
-                                          "no such directory"))
-        runs = sorted(p.parent for p in path.rglob("hparams.json"))
-        if not runs:
-            raise RunError(f"{path}: no run directories (with an hparams.json) at or below it; "
-                           f"expected run directories {RUN_FILES}, or a sweep directory")
-        for run in runs:
-            found.setdefault(run.resolve(), run)
-    return list(found.values())
-
-
-def resolve_data_paths(run_dir, hparams):
-    """hparams, its relative data paths (data_dir, SVHN_LOCAL_PATH) made absolute against the
-    directory that the run was started or resumed in (the records' cwd), so that a tool finds
-    the data from anywhere. Runs recorded before the cwd was: relative to this directory."""
-    hparams = dict(hparams)
-    run_dir = Path(run_dir)
-    if not (run_dir / "hparams.json").is_file():
-        return hparams
-    records = [read_record(run_dir), *read_resumes(run_dir)]
-    for key in DATA_PATHS:
-        value = hparams.get(key)
-        if not isinstance(value, str) or not value or os.path.isabs(value) or value[0] == "~":
-            continue
-        # the last start or resume that set this value (a resume may give new data paths)
-        cwd = next((r["cwd"] for r in reversed(records) if r.get("cwd")
-                    and r.get("hparams", {}).get(key) == value), None)
-        if cwd:
-            hparams[key] = os.path.join(cwd, value)
-    return hparams

@@ -18,8 +18,11 @@ import time
 import numpy as np
 
 import bc_datasets
+import dataset_files
+import errors
 from atomic import atomic_write
-from configurator import configure
+from configurator import ConfigError, configure
+from errors import UserError
 from preprocessing import shuffle_order, split_train_valid, svhn_gcn_lcn
 
 data_dir = "data/svhn"  # the official .mat files; missing ones are downloaded here
@@ -121,10 +124,9 @@ def write_set(name, out_dir, sources, labels, src, idx, channels, chunk):
 
 
 def usage_error(message):
-    """Ends the script on an option that cannot work: one line, exit status 2 (argparse's code for
-    a usage error), no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    """Ends the script on an option that cannot work: one line, exit status 2 (errors.py's rule),
+    no traceback."""
+    raise errors.exit(ConfigError(message))
 
 
 def parse_channels(text):
@@ -164,7 +166,7 @@ def make_output_dir(path):
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
             pass
     except OSError as e:
-        raise SystemExit(f"error: cannot write to SVHN_LOCAL_PATH={path}: {e.strerror or e}") from None
+        raise UserError(f"cannot write to SVHN_LOCAL_PATH={path}: {e.strerror or e}") from None
 
 
 def main():
@@ -174,7 +176,7 @@ def main():
     channels = parse_channels(lcn_channels)
     if chunk_size < 1:
         usage_error(f"--chunk_size={chunk_size}: must be at least 1")
-    files = bc_datasets.svhn_mat_files(data_dir, verify_checksums=verify_checksums)
+    files = dataset_files.svhn_mat_files(data_dir, verify_checksums=verify_checksums)
 
     X_train, y_train = bc_datasets.read_svhn_mat(files["train"])
     X_extra, y_extra = bc_datasets.read_svhn_mat(files["extra"])
@@ -201,8 +203,8 @@ if __name__ == "__main__":
     config = configure(globals())
     try:
         main()
-    except bc_datasets.DatasetError as e:  # missing or corrupt: the message says what to do
-        raise SystemExit(f"error: {e}")
+    except UserError as e:  # missing or corrupt data, an unwritable folder: what to do
+        raise errors.exit(e) from None
     except OSError as e:  # e.g. a full disk while writing: the file and the reason, no traceback
         raise SystemExit(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror
                          else f"error: {e}") from None

@@ -47,13 +47,16 @@ import cloudpickle
 import submitit
 
 import configurator
-import rundir
+import errors
+import runfiles
 import slurm
-from rundir import LOCK, LOCK_FD, RunError, is_finished, read_metrics, read_record
+from errors import UserError
+from runfiles import LOCK, LOCK_FD, RunError, is_finished, read_metrics, read_record
 
-# A job unpickles its Lane wherever it runs, maybe not in this directory: rundir's code (Lane
+# A job unpickles its Lane wherever it runs, maybe not in this directory: the readers' code (Lane
 # reads the run's records) travels inside the pickle rather than by module name.
-cloudpickle.register_pickle_by_value(rundir)
+cloudpickle.register_pickle_by_value(runfiles)
+cloudpickle.register_pickle_by_value(errors)
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = ("mnist", "cifar10", "svhn")
@@ -161,10 +164,9 @@ def check(run, resume, runs_here=True):
     submitted to Slurm (runs_here False) may name a device that this login node lacks."""
     defaults = runpy.run_path(str(ROOT / f"{run.dataset}.py"), run_name=run.dataset)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            configurator.configure(defaults, run.argv(resume)[2:], runs_here=runs_here)
-    except SystemExit as e:
-        message = str(e).removeprefix("error: ")
+        configurator.parse(defaults, run.argv(resume)[2:], runs_here=runs_here)
+    except UserError as e:
+        message = str(e)
         if resume:  # the directory holds a run already
             fail(f"{run.dir} holds a run with other settings; a new experiment needs another "
                  f"SWEEP_DIR ({message})")

@@ -14,8 +14,9 @@ import torch
 from binary_connect import lr_decay, make_optimizer, squared_hinge_loss
 from checkpoints import (CheckpointWriter, Progress, load_checkpoint, save_checkpoint,
                          take_checkpoint)
-from fast_step import (STEP_MODES, Split, TrainStep, autocast, device_name, miscounted,
-                       set_precision, set_stream_kind, step_mode)
+from configurator import device_name
+from fast_step import (STEP_MODES, Split, TrainStep, autocast, miscounted, set_precision,
+                       set_stream_kind, step_mode)
 from report import mean32, report, str2
 from rundir import Interrupt, log_metrics, stop
 

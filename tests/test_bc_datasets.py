@@ -1,19 +1,16 @@
-"""bc_datasets: file readers, checksums and downloads, and the MNIST / CIFAR-10 / SVHN loaders.
+"""bc_datasets: the file readers and the MNIST / CIFAR-10 / SVHN loaders (the checksums and
+downloads: test_dataset_files.py).
 
 Expected numbers are computed here with numpy (§6.1 centring, §6.2 GCN + ZCA), never by the code
 under test. The real-data tests use ../shared/data and are skipped when it is absent.
 """
 import contextlib
-import functools
 import gzip
 import hashlib
-import http.server
 import io
 import pickle
 import shutil
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,8 +20,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 import bc_datasets
+import dataset_files
 import preprocessing
-from bc_datasets import DatasetError
+from dataset_files import DatasetError
 from fake_data import (idx_bytes, write_cifar10_batches, write_fake_cifar10, write_fake_mnist,
                        write_fake_svhn_mat, write_idx)
 
@@ -133,7 +131,7 @@ def test_load_mnist_missing_lists_every_file(tmp_path):
         bc_datasets.load_mnist(tmp_path / "mnist", download=False)
     message = str(info.value)
     assert str(tmp_path / "mnist") in message
-    for name in bc_datasets.MNIST_FILES:
+    for name in dataset_files.MNIST_FILES:
         assert name in message
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in message
     # ... and that files under other names are found by prefix, unchecked
@@ -193,7 +191,7 @@ def test_load_mnist_official_name_then_uncompressed_then_prefix(tmp_path, capsys
     want = bc_datasets.load_mnist(tmp_path, train_set_size=20, verify_checksums=False, download=False)
     # Candidates by prefix do not matter (nor are they ambiguous) where the official file is.
     write_fake_mnist(tmp_path / "other", n_train=30, n_test=10, seed=3)
-    for name in bc_datasets.MNIST_FILES:
+    for name in dataset_files.MNIST_FILES:
         for prefix in ("copy1-", "copy2-"):
             copy = tmp_path / name.replace("-", f"-{prefix}", 1)  # e.g. train-copy1-images-...
             copy.write_bytes((tmp_path / "other" / name).read_bytes())
@@ -228,7 +226,7 @@ def test_load_mnist_ambiguous_prefix_names_the_candidates(tmp_path):
 def test_load_mnist_files_given_explicitly(tmp_path, capsys):
     raw = write_fake_mnist(tmp_path / "a", n_train=30, n_test=10, seed=2)
     rename_mnist(tmp_path / "a", SUBSET_NAMES)
-    files = {name: tmp_path / "a" / SUBSET_NAMES.get(name, name) for name in bc_datasets.MNIST_FILES}
+    files = {name: tmp_path / "a" / SUBSET_NAMES.get(name, name) for name in dataset_files.MNIST_FILES}
     capsys.readouterr()
     # data_dir is empty and download=False: every file comes from files=
     train, valid, test = bc_datasets.load_mnist(tmp_path / "empty", train_set_size=20, download=False,
@@ -254,142 +252,6 @@ def test_load_mnist_truncated_file_names_it(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz"):
         bc_datasets.load_mnist(tmp_path, verify_checksums=False, download=False)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Downloads against a local HTTP server
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server(tmp_path, monkeypatch):
-    """(directory served, its base URL) on 127.0.0.1, an OS-chosen port."""
-    monkeypatch.setenv("no_proxy", "*")
-    root = tmp_path / "served"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
-@pytest.fixture
-def dead_mirror():
-    """A URL on 127.0.0.1 where nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
-
-
-def serve_blob(root, name="blob.bin", size=300_000):
-    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
-    (root / name).write_bytes(data)
-    return data, hashlib.md5(data).hexdigest()
-
-
-def test_fetch_downloads_and_verifies(tmp_path, http_server):
-    root, url = http_server
-    data, md5 = serve_blob(root)
-    data_dir = tmp_path / "data" / "sub"  # created on demand
-    path = bc_datasets.fetch(data_dir, "blob.bin", md5, [url])
-    assert path == data_dir / "blob.bin" and path.read_bytes() == data
-    assert sorted(p.name for p in data_dir.iterdir()) == ["blob.bin"]  # no .part left
-    assert bc_datasets.md5sum(path) == md5
-    # present now: returned without downloading, even with every mirror dead
-    assert bc_datasets.fetch(data_dir, "blob.bin", md5, ["http://127.0.0.1:9/"]) == path
-
-
-def test_fetch_tries_the_mirrors_in_order(tmp_path, http_server, dead_mirror):
-    root, url = http_server
-    data, md5 = serve_blob(root)
-    path = bc_datasets.fetch(tmp_path, "blob.bin", md5, [dead_mirror, url + "nothing-here/", url])
-    assert path.read_bytes() == data
-
-
-def test_download_wrong_checksum_leaves_nothing(tmp_path, http_server):
-    root, url = http_server
-    serve_blob(root)
-    dest = tmp_path / "blob.bin"
-    with pytest.raises(DatasetError) as info:
-        bc_datasets.download(url + "blob.bin", dest, md5="0" * 32)
-    assert url + "blob.bin" in str(info.value) and str(dest) in str(info.value)
-    assert list(tmp_path.iterdir()) == [root]  # neither blob.bin nor blob.bin.part
-
-    data_dir = tmp_path / "data"
-    with pytest.raises(DatasetError, match="blob.bin"):
-        bc_datasets.fetch(data_dir, "blob.bin", "0" * 32, [url])
-    assert not data_dir.exists()
-
-
-def test_fetch_missing_and_no_mirror_reachable(tmp_path, dead_mirror):
-    data_dir = tmp_path / "data"
-    with pytest.raises(DatasetError) as info:
-        bc_datasets.fetch_all(data_dir, {"a.bin": None, "b.bin": None}, [dead_mirror])
-    message = str(info.value)
-    assert str(data_dir) in message and "a.bin" in message and "b.bin" in message
-    assert dead_mirror in message
-    assert not data_dir.exists()
-
-
-def test_failed_download_creates_no_directory(tmp_path):
-    data_dir = tmp_path / "a" / "mnist"
-    with pytest.raises(DatasetError, match=r"Could not download http://127\.0\.0\.1:9/"):
-        bc_datasets.load_mnist(data_dir, mirrors=["http://127.0.0.1:9/"])
-    assert list(tmp_path.iterdir()) == []  # neither a/ nor a/mnist/
-    # A directory that was there before stays, empty as it was.
-    data_dir.mkdir(parents=True)
-    with pytest.raises(DatasetError):
-        bc_datasets.load_mnist(data_dir, mirrors=["http://127.0.0.1:9/"])
-    assert data_dir.is_dir() and not any(data_dir.iterdir())
-
-
-def test_interrupted_download_creates_no_directory(tmp_path, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(bc_datasets, "_download_file", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        bc_datasets.fetch(tmp_path / "data", "blob.bin", None, ["http://127.0.0.1:9/"])
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_partly_failed_download_keeps_what_it_got(tmp_path, http_server):
-    root, url = http_server
-    data, md5 = serve_blob(root)
-    data_dir = tmp_path / "new" / "data"
-    with pytest.raises(DatasetError, match="missing in .*: absent.bin"):
-        bc_datasets.fetch_all(data_dir, {"blob.bin": md5, "absent.bin": None}, [url])
-    assert [p.name for p in data_dir.iterdir()] == ["blob.bin"]
-    assert (data_dir / "blob.bin").read_bytes() == data
-
-
-def test_fetch_present_but_corrupt(tmp_path):
-    path = tmp_path / "blob.bin"
-    path.write_bytes(b"not the right bytes")
-    with pytest.raises(DatasetError) as info:
-        bc_datasets.fetch(tmp_path, "blob.bin", "0" * 32, ["http://127.0.0.1:9/"])
-    message = str(info.value)
-    assert message.startswith("corrupt: ") and str(path) in message
-    assert md5_of(path) in message and "0" * 32 in message
-    assert bc_datasets.fetch(tmp_path, "blob.bin", "0" * 32, [], verify_checksums=False) == path
-
-
-def test_load_mnist_downloads_from_mirror(tmp_path, http_server):
-    root, url = http_server
-    raw = write_fake_mnist(root, n_train=20, n_test=10)
-    train, valid, test = bc_datasets.load_mnist(tmp_path / "mnist", train_set_size=15,
-                                                verify_checksums=False, mirrors=[url])
-    assert (len(train[0]), len(valid[0]), len(test[0])) == (15, 5, 10)
-    np.testing.assert_array_equal(test[1], one_hot(raw["test_labels"]))
-    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(bc_datasets.MNIST_FILES)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -571,7 +433,7 @@ def test_cifar10_missing_says_where_to_get_it(tmp_path):
 
 def test_svhn_mat_files_and_reader(tmp_path):
     raw = write_fake_svhn_mat(tmp_path, n_train=40, n_test=20, n_extra=30)
-    files = bc_datasets.svhn_mat_files(tmp_path, verify_checksums=False, download=False)
+    files = dataset_files.svhn_mat_files(tmp_path, verify_checksums=False, download=False)
     assert files == {w: tmp_path / f"{w}_32x32.mat" for w in ("train", "test", "extra")}
     for which, (X_ref, y_ref) in raw.items():
         X, y = bc_datasets.read_svhn_mat(files[which])
@@ -585,9 +447,9 @@ def test_svhn_mat_files_and_reader(tmp_path):
 def test_svhn_mat_files_checks_md5_and_reports_missing(tmp_path):
     write_fake_svhn_mat(tmp_path, n_train=10, n_test=10, n_extra=10)
     with pytest.raises(DatasetError, match="corrupt: .*e26dedcc434d2e4c54c9b2d4a06d8373"):
-        bc_datasets.svhn_mat_files(tmp_path, download=False)
+        dataset_files.svhn_mat_files(tmp_path, download=False)
     with pytest.raises(DatasetError) as info:
-        bc_datasets.svhn_mat_files(tmp_path / "none", download=False)
+        dataset_files.svhn_mat_files(tmp_path / "none", download=False)
     message = str(info.value)
     assert str(tmp_path / "none") in message and "http://ufldl.stanford.edu/housenumbers/" in message
     for name in ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"):

@@ -13,10 +13,12 @@ def script_globals():
                 _private=3, configurator=configurator, helper=len, shape=(1, 2))
 
 
-def message(excinfo):
+def message(excinfo, capsys):
     """The one line configure() prints to stderr; the exit status is 2."""
     assert excinfo.value.code == 2
-    return str(excinfo.value)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
 def test_no_arguments_keeps_defaults():
@@ -70,11 +72,11 @@ def test_W_LR_scale_takes_Glorot_or_a_number():
     assert g["W_LR_scale"] == "Glorot"
 
 
-def test_unknown_key_names_it_and_lists_valid_names():
+def test_unknown_key_names_it_and_lists_valid_names(capsys):
     g = script_globals()
     with pytest.raises(SystemExit) as excinfo:
         configurator.configure(g, ["--batchsize=50"])
-    text = message(excinfo)
+    text = message(excinfo, capsys)
     assert "batchsize" in text
     for name in ("batch_size", "alpha", "LR_start", "binary", "stochastic", "W_LR_scale",
                  "data_dir", "out_dir"):
@@ -93,19 +95,19 @@ def test_unknown_key_names_it_and_lists_valid_names():
     ("--binary=maybe", "binary", "bool"),
     ("--binary=2", "binary", "bool"),
 ])
-def test_bad_value_names_the_key_and_the_type(arg, key, kind):
+def test_bad_value_names_the_key_and_the_type(arg, key, kind, capsys):
     g = script_globals()
     with pytest.raises(SystemExit) as excinfo:
         configurator.configure(g, [arg])
-    text = message(excinfo)
+    text = message(excinfo, capsys)
     assert key in text and kind in text
     assert excinfo.value.code != 0
 
 
-def test_override_without_value_is_an_error_naming_the_key():
+def test_override_without_value_is_an_error_naming_the_key(capsys):
     with pytest.raises(SystemExit) as excinfo:
         configurator.configure(script_globals(), ["--batch_size"])
-    assert "batch_size" in message(excinfo)
+    assert "batch_size" in message(excinfo, capsys)
 
 
 def test_config_file_applied_before_overrides(tmp_path):
@@ -119,21 +121,23 @@ def test_config_file_applied_before_overrides(tmp_path):
     assert "_scratch" not in config
 
 
-def test_config_file_errors_name_the_key_and_the_file(tmp_path):
+def test_config_file_errors_name_the_key_and_the_file(tmp_path, capsys):
     bad_key = tmp_path / "bad_key.py"
     bad_key.write_text("batchsize = 20\n")
     with pytest.raises(SystemExit) as excinfo:
         configurator.configure(script_globals(), [str(bad_key)])
-    assert "batchsize" in message(excinfo) and "bad_key.py" in message(excinfo)
-    assert "batch_size" in message(excinfo)  # the valid names
+    text = message(excinfo, capsys)
+    assert "batchsize" in text and "bad_key.py" in text
+    assert "batch_size" in text  # the valid names
 
     bad_type = tmp_path / "bad_type.py"
     bad_type.write_text("batch_size = 'many'\n")
     with pytest.raises(SystemExit) as excinfo:
         configurator.configure(script_globals(), [str(bad_type)])
-    assert "batch_size" in message(excinfo) and "int" in message(excinfo)
+    text = message(excinfo, capsys)
+    assert "batch_size" in text and "int" in text
 
     missing = tmp_path / "missing.py"
     with pytest.raises(SystemExit) as excinfo:
         configurator.configure(script_globals(), [str(missing)])
-    assert "missing.py" in message(excinfo)
+    assert "missing.py" in message(excinfo, capsys)

@@ -37,12 +37,12 @@ def write_run(run_dir, script="mnist", errors=(1.5,), seconds=10., device="cpu",
 
 
 def results(*args):
-    """results.py's main in this process, as the command line runs it (a subprocess spends its
-    seconds importing torch, for rundir); test_no_runs_is_said runs the command itself."""
+    """results.py's main in this process, as the command line runs it, with its exit status;
+    test_no_runs_is_said runs the command itself."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        results_py.main([str(a) for a in args])
-    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
+        status = results_py.main([str(a) for a in args])
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue(), returncode=status or 0)
 
 
 def csv_rows(*args):
@@ -176,7 +176,7 @@ def test_latex(tmp_path):
 def test_no_runs_is_said(tmp_path):
     proc = subprocess.run([sys.executable, "results.py", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
-    assert proc.returncode == 1 and "no run directories" in proc.stderr
+    assert proc.returncode == 2 and "no run directories" in proc.stderr
 
 
 def test_a_cut_last_line(tmp_path, capsys):
@@ -208,10 +208,9 @@ def test_a_damaged_run_is_named_and_left_out(tmp_path):
     assert "| 1.50 | 1 | 1 |" in table
     # nothing readable: the reasons, then the end
     (tmp_path / "good" / "hparams.json").write_text("{")
-    try:
-        results(tmp_path)
-    except SystemExit as e:
-        message = str(e.code)
+    proc = results(tmp_path)
+    message = proc.stderr
+    assert proc.returncode == 2
     assert f"Skipped {tmp_path / 'good'}: unreadable ({tmp_path / 'good' / 'hparams.json'}: " \
            "not valid JSON" in message
-    assert message.endswith(f"results.py: no readable run directories under {tmp_path}")
+    assert message.endswith(f"\nerror: no readable run directories under {tmp_path}\n")

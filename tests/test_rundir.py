@@ -594,7 +594,7 @@ def test_a_directory_another_process_trains_in_is_refused_untouched(work, tmp_pa
         assert first.stdout.readline().strip() == "locked"
         before[".lock"] = (out / ".lock").read_bytes()
         p = run_mnist(work, out)
-        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         assert p.stderr.strip().splitlines()[-1] == (
             f"error: {out} is in use: another process (pid {first.pid}) is training in it; wait "
             "for it to end, or choose another --out_dir")
@@ -667,9 +667,9 @@ def test_resume_with_another_training_set_is_refused(work, reference, tmp_path):
     source, _, _ = reference(True)
     run = rundir.Run("mnist", dict(TINY), source, torch.device("cpu"), resume=True)
     run_, model, optimizer, _ = tiny_training_state(tmp_path)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(checkpoints.RunError) as e:
         checkpoints.load_checkpoint(run, model, optimizer, n_train=90)
-    assert "100 training examples" in str(e.value.code) and "90" in str(e.value.code)
+    assert "100 training examples" in str(e.value) and "90" in str(e.value)
 
 
 def test_a_start_that_failed_before_its_first_checkpoint_can_be_rerun(work, reference, tmp_path):

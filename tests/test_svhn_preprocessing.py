@@ -169,7 +169,7 @@ def test_unwritable_output_directory(tmp_path):
     write_fake_svhn_mat(data_dir, n_train=N_TRAIN, n_test=N_TEST, n_extra=N_EXTRA, seed=0)
     (tmp_path / "a_file").write_text("")
     result = run_script(data_dir, tmp_path / "a_file" / "out")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "cannot write to SVHN_LOCAL_PATH=" + str(tmp_path / "a_file" / "out") in one_line_error(result)
 
 

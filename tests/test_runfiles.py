@@ -1,6 +1,7 @@
-"""rundir's readers, what every tool reads runs with: hparams.json, metrics.jsonl (a cut last line
-left out with one warning, a damaged earlier line an error), resumes.jsonl, the run directories
-below a path, the data paths of a run started elsewhere, and the checkpoint a tool reads."""
+"""runfiles.py's readers, what every tool reads runs with: hparams.json, metrics.jsonl (a cut last
+line left out with one warning, a damaged earlier line an error), resumes.jsonl, the run
+directories below a path, the data paths of a run started elsewhere, and the checkpoint a tool
+reads."""
 import json
 import runpy
 import sys
@@ -12,7 +13,8 @@ import torch
 import configurator
 import checkpoints
 import rundir
-from rundir import RunError
+import runfiles
+from runfiles import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ def write_run(run_dir, hparams=None, metrics=(), cwd=None, written=("best", "las
 
 def test_read_record(tmp_path):
     run_dir = write_run(tmp_path / "run")
-    record = rundir.read_record(run_dir)
+    record = runfiles.read_record(run_dir)
     assert record["script"] == "mnist" and record["hparams"]["num_epochs"] == 2
 
 
@@ -53,11 +55,11 @@ def test_a_bad_record_names_the_file(tmp_path, text, says):
     if text is not None:
         (run_dir / "hparams.json").write_text(text)
     with pytest.raises(RunError) as e:
-        rundir.read_record(run_dir)
+        runfiles.read_record(run_dir)
     assert str(e.value).startswith(f"{run_dir / 'hparams.json'}: " + says.format(dir=run_dir))
 
 
-def test_resume_reads_the_record_through_rundir(tmp_path, capsys):
+def test_resume_reads_the_record_through_runfiles(tmp_path, capsys):
     """configurator's --resume reads hparams.json with read_record: its errors name the file."""
     run_dir = write_run(tmp_path / "run")
     (run_dir / "hparams.json").write_text("{")
@@ -73,7 +75,7 @@ def test_start_run_records_its_working_directory(tmp_path, monkeypatch):
     stdout = sys.stdout
     try:
         with rundir.start_run("mnist", dict(seed=1, device="cpu", out_dir="run", resume="")):
-            record = rundir.read_record("run")
+            record = runfiles.read_record("run")
     finally:
         if isinstance(sys.stdout, rundir.Tee):
             sys.stdout.file.close()
@@ -87,10 +89,10 @@ def test_read_metrics(tmp_path):
     run_dir = write_run(tmp_path / "run", metrics=[dict(epoch=1), dict(epoch=2)])
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write("\n")  # blank lines are no lines
-    assert rundir.read_metrics(run_dir) == [dict(epoch=1), dict(epoch=2)]
+    assert runfiles.read_metrics(run_dir) == [dict(epoch=1), dict(epoch=2)]
     (run_dir / "metrics.jsonl").unlink()
-    assert rundir.read_metrics(run_dir) == []  # no epoch done yet
-    assert rundir.read_resumes(run_dir) == []  # never resumed
+    assert runfiles.read_metrics(run_dir) == []  # no epoch done yet
+    assert runfiles.read_resumes(run_dir) == []  # never resumed
 
 
 @pytest.mark.parametrize("last", ['{"epoch": 3, "val_e', "[3]", "\x00\x00\x00", "{}}"])
@@ -99,7 +101,7 @@ def test_a_cut_last_line_is_left_out_with_one_warning(tmp_path, capsys, last):
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(last)
     for _ in range(3):  # a tool that reads the run three times warns once
-        assert rundir.read_metrics(run_dir) == [dict(epoch=1), dict(epoch=2)]
+        assert runfiles.read_metrics(run_dir) == [dict(epoch=1), dict(epoch=2)]
     assert capsys.readouterr().err == (
         f"warning: {run_dir / 'metrics.jsonl'}: line 3, the last, is cut short or not a JSON "
         "object (a copy cut short, or a run killed while writing it); it is left out\n")
@@ -110,18 +112,18 @@ def test_a_damaged_line_before_the_last_is_an_error(tmp_path):
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "val\n{"epoch": 3}\n')
     with pytest.raises(RunError) as e:
-        rundir.read_metrics(run_dir)
+        runfiles.read_metrics(run_dir)
     assert str(e.value) == (f"{run_dir / 'metrics.jsonl'}: line 2 of 3 is not a JSON object; "
                             "only a cut last line is left out: repair or delete that line")
     (run_dir / "resumes.jsonl").write_text("{\n{}\n")  # one rule for every .jsonl
     with pytest.raises(RunError, match="resumes.jsonl: line 1 of 2"):
-        rundir.read_resumes(run_dir)
+        runfiles.read_resumes(run_dir)
 
 
 def test_is_finished():
-    assert rundir.is_finished(dict(num_epochs=2), [dict(epoch=1), dict(epoch=2)])
-    assert not rundir.is_finished(dict(num_epochs=3), [dict(epoch=1), dict(epoch=2)])
-    assert not rundir.is_finished(dict(num_epochs=3), [])
+    assert runfiles.is_finished(dict(num_epochs=2), [dict(epoch=1), dict(epoch=2)])
+    assert not runfiles.is_finished(dict(num_epochs=3), [dict(epoch=1), dict(epoch=2)])
+    assert not runfiles.is_finished(dict(num_epochs=3), [])
 
 
 # The runs below a path -------------------------------------------------------------------------
@@ -131,46 +133,46 @@ def test_find_runs(tmp_path):
     runs = [write_run(sweep / "mnist_det_bc" / f"seed{s}") for s in (1, 2)]
     (sweep / "submitit" / "123").mkdir(parents=True)  # no hparams.json: no run
     other = write_run(tmp_path / "other")
-    assert rundir.find_runs(sweep) == runs
-    assert rundir.find_runs(runs[1]) == [runs[1]]
+    assert runfiles.find_runs(sweep) == runs
+    assert runfiles.find_runs(runs[1]) == [runs[1]]
     # each run once, in the order of the paths
-    assert rundir.find_runs(other, runs[1], sweep) == [other, runs[1], runs[0]]
+    assert runfiles.find_runs(other, runs[1], sweep) == [other, runs[1], runs[0]]
 
 
 def test_find_runs_refuses_what_holds_no_run(tmp_path):
     with pytest.raises(RunError, match="no such directory"):
-        rundir.find_runs(tmp_path / "nowhere")
+        runfiles.find_runs(tmp_path / "nowhere")
     (tmp_path / "file").write_text("")
     with pytest.raises(RunError, match="not a directory"):
-        rundir.find_runs(tmp_path / "file")
+        runfiles.find_runs(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunError, match="no run directories .* at or below it"):
-        rundir.find_runs(tmp_path / "empty")
+        runfiles.find_runs(tmp_path / "empty")
 
 
 # The data paths of a run started elsewhere -----------------------------------------------------
 
 def test_relative_data_paths_are_relative_to_where_the_run_started(tmp_path):
     run_dir = write_run(tmp_path / "run", cwd=tmp_path / "work")
-    hp = rundir.read_record(run_dir)["hparams"]
-    resolved = rundir.resolve_data_paths(run_dir, hp)
+    hp = runfiles.read_record(run_dir)["hparams"]
+    resolved = runfiles.resolve_data_paths(run_dir, hp)
     assert resolved["data_dir"] == str(tmp_path / "work" / "data" / "mnist")
     assert hp["data_dir"] == "data/mnist"  # the caller's dict is left alone
     # absolute paths stay; a run recorded before the cwd was: relative to here, as before
-    assert rundir.resolve_data_paths(run_dir, dict(hp, data_dir="/d"))["data_dir"] == "/d"
+    assert runfiles.resolve_data_paths(run_dir, dict(hp, data_dir="/d"))["data_dir"] == "/d"
     old = write_run(tmp_path / "old")
-    assert rundir.resolve_data_paths(old, hp)["data_dir"] == "data/mnist"
+    assert runfiles.resolve_data_paths(old, hp)["data_dir"] == "data/mnist"
     # no hparams.json (a checkpoint file alone): nothing to resolve against
-    assert rundir.resolve_data_paths(tmp_path, hp) == hp
+    assert runfiles.resolve_data_paths(tmp_path, hp) == hp
 
 
 def test_a_resume_that_gave_new_data_paths(tmp_path):
     run_dir = write_run(tmp_path / "run", cwd=tmp_path / "first")
-    record = rundir.read_record(run_dir)
+    record = runfiles.read_record(run_dir)
     resumed = dict(record, cwd=str(tmp_path / "second"),
                    hparams=dict(record["hparams"], data_dir="moved"))
     (run_dir / "resumes.jsonl").write_text(json.dumps(resumed) + "\n")
-    resolve = rundir.resolve_data_paths
+    resolve = runfiles.resolve_data_paths
     assert resolve(run_dir, resumed["hparams"])["data_dir"] == str(tmp_path / "second" / "moved")
     assert resolve(run_dir, record["hparams"])["data_dir"] == str(tmp_path / "first" / "data" /
                                                                   "mnist")

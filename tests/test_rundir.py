@@ -30,6 +30,7 @@ import fast_step
 import models
 import checkpoints
 import rundir
+from runfiles import RunError
 import training
 from fake_data import script_config, write_fake_mnist
 
@@ -617,7 +618,7 @@ def test_only_the_lock_file_itself_passes_as_an_inherited_lock(tmp_path, monkeyp
     other = open(tmp_path / "other", "w")
     try:
         monkeypatch.setenv(rundir.LOCK_FD, str(other.fileno()))
-        with pytest.raises(SystemExit, match="is in use"):
+        with pytest.raises(RunError, match="is in use"):
             rundir.lock(tmp_path)
         monkeypatch.setenv(rundir.LOCK_FD, str(holder.fileno()))
         rundir.lock(tmp_path)  # the lock held for it

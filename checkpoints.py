@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from binary_connect import binary_layers
+from configurator import RESUME_MAY_CHANGE
 from fast_step import to_host
 from rundir import atomic_torch_save, log_metrics
 from runfiles import RUN_FILES, RunError
@@ -162,6 +163,26 @@ def _upgrade(checkpoint, model):
     return checkpoint
 
 
+def _check_hparams(run, path, trained):
+    """The checkpoint holds the hyperparameters it was trained with; a resume takes them from
+    hparams.json, which can be edited: a run half one setting, half another, whose records
+    would claim the edited one, is refused (the overrides a resume may change aside)."""
+    if not isinstance(trained, dict):
+        return
+    differ = [k for k in run.config if k in trained and k not in RESUME_MAY_CHANGE
+              and run.config[k] != trained[k]]
+    if differ:
+        may = [k for k in RESUME_MAY_CHANGE if k in run.config and k not in ("resume", "out_dir")]
+        raise RunError(
+            f"{run.path('hparams.json')} does not match the checkpoint {path}: "
+            + ", ".join(f"{k} is {run.config[k]!r} there but {trained[k]!r} in the checkpoint"
+                        for k in differ)
+            + "; a resumed run keeps the hyperparameters it was trained with: put those values "
+            f"back (a resume may change only {', '.join(may[:-1])} and {may[-1]}), or start a new "
+            "run with the new "
+            "ones (docs/runs.md, \"Changing a setting\")")
+
+
 def load_checkpoint(run, model, optimizer, n_train):
     path = run.path("last.pt")
     try:
@@ -173,6 +194,7 @@ def load_checkpoint(run, model, optimizer, n_train):
                        f"reads versions 1 and {CHECKPOINT_VERSION}")
     if checkpoint["version"] == 1:
         checkpoint = _upgrade(checkpoint, model)
+    _check_hparams(run, path, checkpoint.get("hparams"))
     if len(checkpoint["order"]) != n_train:  # the shuffle order indexes the training set
         raise RunError(f"{path} was trained on {len(checkpoint['order'])} training examples, "
                        f"but the data now gives {n_train}: resume with the same data")

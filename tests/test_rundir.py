@@ -662,6 +662,30 @@ def test_resume_into_another_out_dir_is_refused(work, reference, tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.parametrize("edit", [dict(stochastic=False, LR_start=0.003), dict(num_units=64)])
+def test_a_resume_of_an_edited_hparams_json_is_refused(work, reference, tmp_path, edit):
+    """hparams.json is the run's record, not a control: edited, a resume would be half one run,
+    half another (or a torch size-mismatch traceback); the checkpoint's own hyperparameters are
+    compared, and the refusal names each key with both values, and what a resume may change."""
+    source, _, _ = reference(True)
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    record = json.loads((run / "hparams.json").read_text())
+    trained = {k: record["hparams"][k] for k in edit}
+    record["hparams"].update(edit)
+    (run / "hparams.json").write_text(json.dumps(record))
+    before = (run / "last.pt").read_bytes()
+    p = subprocess.run([sys.executable, str(work / "runner.py"), str(REPO), str(REPO / "mnist.py"),
+                        f"--resume={run}"], cwd=work, capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"error: {run / 'hparams.json'} "
+                                                               "does not match the checkpoint")
+    for k, v in edit.items():
+        assert f"{k} is {v!r} there but {trained[k]!r} in the checkpoint" in p.stderr
+    assert "a resume may change only device, data_dir and compile" in p.stderr
+    assert (run / "last.pt").read_bytes() == before
+
+
 def test_resume_with_another_training_set_is_refused(work, reference, tmp_path):
     """A resumed run must see the same training set: its checkpointed shuffle order indexes it."""
     import rundir

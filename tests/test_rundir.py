@@ -686,6 +686,31 @@ def test_a_resume_of_an_edited_hparams_json_is_refused(work, reference, tmp_path
     assert (run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("damage", ["cut", "empty"])
+def test_a_damaged_last_pt_says_what_is_damaged_and_what_to_do(tmp_path, damage):
+    """torch's reader error alone left no way forward: the message says what is wrong with
+    last.pt, that the records are kept, whether best.pt is sound, and how to start again."""
+    run, model, optimizer, state = tiny_training_state(tmp_path)
+    checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[:len(data) // 2] if damage == "cut" else b"")
+    with pytest.raises(RunError) as e:
+        checkpoints.load_checkpoint(run, model, optimizer, 6)
+    message = str(e.value)
+    assert message.startswith(f"the run's checkpoint {tmp_path / 'last.pt'} " + (
+        f"is cut short ({len(data) // 2} bytes, its end missing" if damage == "cut" else
+        "is empty (0 bytes), so the run cannot continue from it"))
+    assert "best.pt is sound (the model of epoch 1" in message
+    assert "no resume starts from it" in message
+    assert message.endswith(f"start a new run with the hyperparameters of "
+                            f"{tmp_path / 'hparams.json'} and another --out_dir (or move "
+                            f"{tmp_path} aside first)")
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(RunError) as e:
+        checkpoints.load_checkpoint(run, model, optimizer, 6)
+    assert "best.pt" not in str(e.value)
+
+
 def test_resume_with_another_training_set_is_refused(work, reference, tmp_path):
     """A resumed run must see the same training set: its checkpointed shuffle order indexes it."""
     import rundir

@@ -138,12 +138,13 @@ def test_layer_out_of_range_lists_layers(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_corrupt_checkpoint_names_the_file(tmp_path):
-    a = make_run(tmp_path / "a")
-    (a / "best.pt").write_bytes(b"not a checkpoint")
-    r = run_plot(a)
-    assert r.returncode == 2 and str(a / "best.pt") in r.stderr
+def test_corrupt_checkpoint_names_the_file_and_nothing_is_written(tmp_path):
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    (b / "best.pt").write_bytes(b"not a checkpoint")
+    r = run_plot(a, b, f"--out={tmp_path / 'plots'}")
+    assert r.returncode == 2 and str(b / "best.pt") in r.stderr
     assert "Traceback" not in r.stderr
+    assert r.stdout == "" and not (tmp_path / "plots").exists()  # checked first, then drawn
 
 
 def test_importable_functions_and_partial_last_line(tmp_path, capsys):

@@ -270,6 +270,23 @@ def test_a_resume_may_change_compile(tmp_path):
     assert mnist_config([f"--resume={run_dir}", "--compile=false"])["compile"] == "false"
 
 
+def test_help_says_what_a_resume_may_change_and_how_to_train_longer():
+    text = " ".join(configurator.help_text(runpy.run_path(str(ROOT / "mnist.py"),
+                                                          run_name="x")).split())
+    assert ("with it only device, data_dir and compile may be given (where things are, not what "
+            "is computed), and out_dir only as RUN_DIR itself.") in text
+    assert "so a longer run is a new run: start one with --num_epochs=N" in text
+
+
+def test_a_longer_resume_is_refused_saying_why(tmp_path, capsys):
+    run_dir = stored_run(tmp_path, num_epochs=3)
+    with pytest.raises(SystemExit):
+        mnist_config([f"--resume={run_dir}", "--num_epochs=6"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop num_epochs=6 (the run has 3)" in err
+    assert "num_epochs sets the run's LR schedule" in err
+
+
 def test_LR_fin_above_LR_start_is_refused(capsys):
     with pytest.raises(SystemExit) as excinfo:
         mnist_config(["--LR_fin=0.01"])

@@ -178,6 +178,9 @@ def draw_histogram(ax, w, span, binary):
         for x in (-span, span):
             ax.axvline(x, color="gray", ls="--", lw=1)
     ax.set_xlim(-lim, lim)
+    # Five labels or so, symmetric about 0: a panel 4.4 inches wide holds them whatever the
+    # span (a real-valued layer's 0.1 gave nine labels like -0.075, which ran into each other).
+    ax.xaxis.set_major_locator(MaxNLocator(6, symmetric=True, steps=[1, 2, 5, 10]))
     ax.set_xlabel("real-valued weight")
     ax.set_ylabel("count")
 

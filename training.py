@@ -14,7 +14,7 @@ import torch
 from binary_connect import lr_decay, make_optimizer, squared_hinge_loss
 from checkpoints import (CheckpointWriter, Progress, load_checkpoint, save_checkpoint,
                          take_checkpoint)
-from configurator import device_name
+from configurator import ConfigError, device_name
 from fast_step import (STEP_MODES, Split, TrainStep, autocast, miscounted, set_precision,
                        set_stream_kind, step_mode)
 from report import mean32, report, str2
@@ -121,8 +121,8 @@ def train(model, data, run):
     train_set, val_set, test_set = (Split(X, y, device) for X, y in data)
     for name, split in (("training", train_set), ("validation", val_set), ("test", test_set)):
         if split.n < batch_size:  # it would have no full batch (§5 drops partial ones)
-            raise SystemExit(f"error: the {name} set has {split.n} examples, fewer than "
-                             f"batch_size={batch_size}")
+            raise ConfigError(f"the {name} set has {split.n} examples, fewer than "
+                              f"batch_size={batch_size}")
     n_batches = train_set.n // batch_size
     mode = step_mode(str(c["compile"]).lower(), device, model, train_set.on_device)
     # The stream is a function of the configuration, not of whether compiling succeeds: a

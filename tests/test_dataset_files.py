@@ -5,7 +5,6 @@ import hashlib
 import http.server
 import socket
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +13,7 @@ import bc_datasets
 import dataset_files
 from dataset_files import DatasetError
 from fake_data import write_fake_cifar10, write_fake_mnist, write_fake_svhn_mat
-
-
-def md5_of(path):
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
-def one_hot(labels):
-    out = np.zeros((len(labels), 10), dtype=np.float32)
-    out[np.arange(len(labels)), labels] = 1
-    return out
+from test_bc_datasets import md5_of, one_hot
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

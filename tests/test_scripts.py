@@ -96,7 +96,7 @@ def test_config_file_then_overrides(tmp_path):
 ])
 def test_bad_override_is_named(tmp_path, arg, words):
     proc = run_script("mnist.py", arg, f"--out_dir={tmp_path / 'run'}", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     for word in words:
         assert word in proc.stderr, (word, proc.stderr)
     assert "Traceback" not in proc.stderr
@@ -108,8 +108,18 @@ def test_train_set_size_beyond_the_file_is_named(tmp_path):
     proc = run_script("mnist.py", f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False",
                       "--train_set_size=500", f"--out_dir={tmp_path / 'run'}", "--device=cpu",
                       check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "train_set_size must be in 1..120" in proc.stderr and "500" in proc.stderr
+    # A data error ends the script as a mistaken value does (errors.py): one line, exit status 2.
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and "train_set_size must be in 1..120" in proc.stderr
+    assert "500" in proc.stderr
+
+
+def test_an_out_dir_that_cannot_be_written_ends_as_a_mistaken_value_does(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    proc = run_script("mnist.py", f"--out_dir={out}", "--device=cpu", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: cannot write to out_dir {out}: Not a directory\n"
 
 
 def test_missing_mnist_says_where_and_what(tmp_path):
@@ -165,7 +175,7 @@ def test_batch_larger_than_a_split_is_refused(tmp_path):
     proc = run_script("mnist.py", f"--data_dir={tmp_path / 'data'}", "--verify_checksums=False",
                       "--train_set_size=100", "--num_units=8", "--batch_size=40",
                       f"--out_dir={tmp_path / 'run'}", "--device=cpu", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "validation set has 20 examples, fewer than batch_size=40" in proc.stderr
 
 

@@ -6,12 +6,14 @@ metrics.jsonl, so metrics.jsonl never holds an epoch that a resume would repeat.
 import dataclasses
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from binary_connect import binary_layers
+from configurator import RESUME_MAY_CHANGE
 from fast_step import to_host
 from rundir import atomic_torch_save, log_metrics
 from runfiles import RUN_FILES, RunError
@@ -162,17 +164,80 @@ def _upgrade(checkpoint, model):
     return checkpoint
 
 
+def _check_hparams(run, path, trained):
+    """The checkpoint holds the hyperparameters it was trained with; a resume takes them from
+    hparams.json, which can be edited: a run half one setting, half another, whose records
+    would claim the edited one, is refused (the overrides a resume may change aside)."""
+    if not isinstance(trained, dict):
+        return
+    differ = [k for k in run.config if k in trained and k not in RESUME_MAY_CHANGE
+              and run.config[k] != trained[k]]
+    if differ:
+        may = [k for k in RESUME_MAY_CHANGE if k in run.config and k not in ("resume", "out_dir")]
+        may = " and ".join([", ".join(may[:-1]), may[-1]] if may[1:] else may)
+        raise RunError(
+            f"{run.path('hparams.json')} does not match the checkpoint {path}: "
+            + ", ".join(f"{k} is {run.config[k]!r} there but {trained[k]!r} in the checkpoint"
+                        for k in differ)
+            + "; a resumed run keeps the hyperparameters it was trained with: put those values "
+            f"back (a resume may change only {may}), or start a new run with the new ones "
+            "(docs/runs.md, \"Changing a setting\")")
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _cut_short(path):
+    """What is wrong with a checkpoint file torch.load could not read, when it is one that was
+    not written to its end (empty, or a zip archive without its closing directory: torch.save
+    writes zip archives); None otherwise."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if zip_start and not zipfile.is_zipfile(path):
+        return f"is cut short ({size} bytes, its end missing: a copy or a disk that failed)"
+    return None
+
+
+def _damaged_last(run, path, error):
+    """What a run whose last.pt cannot be read can do: its records stay; it can be trained
+    again from scratch; best.pt, when sound, still holds its best model (not a resume point: it
+    has no optimizer state, random streams or shuffle order, which a resume needs to be the same
+    run)."""
+    what = _cut_short(path) or f"cannot be read (torch.load says: {_first_line(error)})"
+    best = run.path("best.pt")
+    try:
+        epoch = read_checkpoint(best)[0].get("epoch") if best.is_file() else None
+    except RunError:
+        epoch = None
+    sound = (f"; best.pt is sound (the model of epoch {epoch}: evaluate.py and export.py read "
+             "it), but it holds no optimizer state or random streams, so no resume starts "
+             "from it") if epoch is not None else ""
+    return (f"the run's checkpoint {path} {what}, so the run cannot continue from it. Its "
+            f"records (hparams.json, log.txt, metrics.jsonl) are kept{sound}. To train it again "
+            f"from scratch, start a new run with the hyperparameters of "
+            f"{run.path('hparams.json')} and another --out_dir (or move {run.out_dir} aside "
+            "first)")
+
+
 def load_checkpoint(run, model, optimizer, n_train):
     path = run.path("last.pt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RunError(f"cannot read checkpoint {path}: {e}") from None
+        raise RunError(_damaged_last(run, path, e)) from None
     if checkpoint.get("version") not in (1, CHECKPOINT_VERSION):
         raise RunError(f"{path} is a version {checkpoint.get('version')} checkpoint; this code "
                        f"reads versions 1 and {CHECKPOINT_VERSION}")
     if checkpoint["version"] == 1:
         checkpoint = _upgrade(checkpoint, model)
+    _check_hparams(run, path, checkpoint.get("hparams"))
     if len(checkpoint["order"]) != n_train:  # the shuffle order indexes the training set
         raise RunError(f"{path} was trained on {len(checkpoint['order'])} training examples, "
                        f"but the data now gives {n_train}: resume with the same data")
@@ -230,9 +295,13 @@ def read_checkpoint(path, checkpoint=None):
         with torch.serialization.safe_globals(NUMPY_GLOBALS):
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cut = _cut_short(ckpt_path)
+        if cut:
+            raise RunError(f"{ckpt_path} {cut}: a checkpoint whose writing did not finish; "
+                           "the run that wrote it keeps its other records") from None
         raise RunError(f"{ckpt_path}: not a checkpoint of this project (expected best.pt or "
-                       f"last.pt from a training run; torch.load says: {first})") from None
+                       f"last.pt from a training run; torch.load says: {_first_line(e)})") \
+            from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("hparams"), dict)):
         raise RunError(f"{ckpt_path}: a torch file, but not a training checkpoint of this project "

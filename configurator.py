@@ -256,6 +256,12 @@ def _read_config_file(path):
 RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH", "compile")
 
 
+# Why a finished run is not extended: the schedule is a function of num_epochs (§4.1).
+_LONGER = ("num_epochs sets the run's LR schedule (LR_decay = (LR_fin/LR_start)**(1/num_epochs)), "
+           "so a longer run is a new run: start one with --num_epochs=N (the same seed draws the "
+           "same initial weights)")
+
+
 def _resume(config, explicit, origin, script):
     """--resume=RUN_DIR continues that run with ITS hyperparameters (hparams.json); an explicit
     setting that contradicts them would silently change the experiment, so it is refused, and so
@@ -272,11 +278,13 @@ def _resume(config, explicit, origin, script):
     if made_by and made_by != script:
         raise ConfigError(f"--resume={config['resume']}: that run was made by {made_by}.py; "
                           f"continue it with: python {made_by}.py --resume={config['resume']}")
-    conflicts = [f"{k}={explicit[k]!r} (the run has {stored[k]!r})" for k in explicit
+    conflicts = [k for k in explicit
                  if k in stored and k not in RESUME_MAY_CHANGE and explicit[k] != stored[k]]
     if conflicts:
-        raise ConfigError("a resumed run keeps its hyperparameters; drop " + ", ".join(conflicts)
-                          + ", or start a new run without --resume")
+        raise ConfigError("a resumed run keeps its hyperparameters; drop " + ", ".join(
+            f"{k}={explicit[k]!r} (the run has {stored[k]!r})" for k in conflicts)
+            + ", or start a new run without --resume"
+            + (". " + _LONGER if "num_epochs" in conflicts else ""))
     for key, value in stored.items():
         if key in config and key not in explicit:
             config[key] = value
@@ -431,10 +439,13 @@ def help_text(globals_dict):
            "default: a bool is true/false, 1/0, yes/no or on/off; a str is the text as written"
            + ('; H and W_LR_scale take "Glorot" or a number' if "H" in config else "") + ".")
     if resume:
-        may_change = [k for k in RESUME_MAY_CHANGE if k in config and k != "resume"]
+        may_change = [k for k in RESUME_MAY_CHANGE if k in config
+                      and k not in ("resume", "out_dir")]
         how += (" --resume=RUN_DIR continues the run in RUN_DIR with the hyperparameters stored "
                 f"in its hparams.json; with it only {_listing(may_change, 'and')} may be given "
-                "(where things are, not what is computed).")
+                "(where things are, not what is computed)"
+                + (", and out_dir only as RUN_DIR itself" if "out_dir" in config else "")
+                + (". " + _LONGER if "num_epochs" in config else "") + ".")
     parts = [inspect.cleandoc(globals_dict.get("__doc__") or ""),
              f"usage: python {script} [config.py ...] [--key=value ...]"
              + (" [--resume=RUN_DIR]" if resume else "") + " [--help]",

@@ -205,7 +205,7 @@ def main(argv=None):
                          verify_checksums=args.verify_checksums)
         model, hp, script, ckpt, ckpt_path = load_trained(args.path, args.checkpoint, args.script,
                                                           overrides)
-        modes = parse_modes(args.modes, hp) if args.modes else default_modes(hp)
+        modes = default_modes(hp) if args.modes is None else parse_modes(args.modes, hp)
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 arithmetic of training
         torch.backends.cudnn.allow_tf32 = False
         mod = importlib.import_module(script)

@@ -178,14 +178,19 @@ def draw_histogram(ax, w, span, binary):
         for x in (-span, span):
             ax.axvline(x, color="gray", ls="--", lw=1)
     ax.set_xlim(-lim, lim)
+    # Five labels or so, symmetric about 0: a panel 4.4 inches wide holds them whatever the
+    # span (a real-valued layer's 0.1 gave nine labels like -0.075, which ran into each other).
+    ax.xaxis.set_major_locator(MaxNLocator(6, symmetric=True, steps=[1, 2, 5, 10]))
     ax.set_xlabel("real-valued weight")
     ax.set_ylabel("count")
 
 
-def plot_weight_histogram(run_dir, out_path, layer=0, checkpoint=None, name=None):
+def plot_weight_histogram(run_dir, out_path, layer=0, checkpoint=None, name=None, weights=None):
+    """weights: layer_weights' result, when it was read before (main checks every checkpoint
+    before it writes anything)."""
     run_dir = Path(run_dir)
     hparams = read_record(run_dir)
-    key, shape, w, source = layer_weights(run_dir, layer, checkpoint)
+    key, shape, w, source = weights or layer_weights(run_dir, layer, checkpoint)
     binary = hparams.get("hparams", {}).get("binary", True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw_histogram(ax, w, _span(hparams, w), binary)
@@ -332,18 +337,20 @@ def main(argv=None):
                                       log=lambda s: print(s, file=sys.stderr)):
                 print(path)
             return 0
-        out.mkdir(parents=True, exist_ok=True)
-        plot_curves(runs, out / "curves.png")
-        print(out / "curves.png")
+        histograms = []  # every checkpoint read (a damaged one refused) before any write
         for d, name in zip(runs, run_names(runs)):
             try:
                 checkpoint_path(d, args.checkpoint)
             except RunError as e:
                 print(f"note: {e}; no weight histogram", file=sys.stderr)
                 continue
+            histograms.append((d, name, layer_weights(d, args.layer, args.checkpoint)))
+        out.mkdir(parents=True, exist_ok=True)
+        plot_curves(runs, out / "curves.png")
+        print(out / "curves.png")
+        for d, name, weights in histograms:
             path = out / f"weights_hist_{name}.png"
-            plot_weight_histogram(d, path, layer=args.layer, checkpoint=args.checkpoint,
-                                  name=name)
+            plot_weight_histogram(d, path, name=name, weights=weights)
             print(path)
     except UserError as e:
         return print_error(e)

@@ -111,6 +111,7 @@ def train(model, data, run):
     LR_decay = lr_decay(LR_start, c["LR_fin"], num_epochs)
     precision, loss_reduction = c["precision"], c["loss_reduction"]
     monitor_step, bn_stats = c["monitor_step"], c["bn_stats"]
+    sampled = c.get("binary", True) and c.get("stochastic", False)  # BIG_LOSS_NOTE's case
     model.to(run.device)
     optimizer = make_optimizer(model, LR_start, c["optimizer"])  # §2.2
     print('Training...')
@@ -207,7 +208,7 @@ def train(model, data, run):
                     print(report(epoch, num_epochs, seconds, metrics))
                     if train_loss > 1000:
                         print(DIVERGING_NOTE.format(LR=str2(LR)))
-                    if val_loss > 1000 or improved and p.test_loss > 1000:
+                    if sampled and (val_loss > 1000 or improved and p.test_loss > 1000):
                         print(BIG_LOSS_NOTE)
                     p.history.append(metrics)
                 else:

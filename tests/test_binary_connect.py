@@ -392,12 +392,13 @@ class NpAdam:
         return new if H is None else np.clip(new, -H, H)
 
 
-def test_adam_is_lasagnes_form_with_scale_and_clip():
+@pytest.mark.parametrize("H", [1., 0.25])  # H="Glorot" gives H < 1 (the paper's MNIST rows)
+def test_adam_is_lasagnes_form_with_scale_and_clip(H):
     # tiny gradients, where epsilon's placement matters: torch.optim.Adam's form differs a lot
     grads = [np.array([1e-8, -3e-9, 2e-8, 0.5, -0.2, 1e-9]),
              np.array([-2e-8, 1e-9, 3e-8, 0.1, 0.4, -1e-9])]
-    theta0 = np.array([0.1, -0.2, 0.995, 0.3, -0.999, 1.7])
-    LR, scale, H = 0.01, 3.0, 1.0
+    theta0 = np.array([0.1, -0.2, 0.995, 0.3, -0.999, 1.7]) * H
+    LR, scale = 0.01, 3.0
     p = nn.Parameter(torch.tensor(theta0, dtype=torch.float64))
     q = nn.Parameter(torch.tensor(theta0, dtype=torch.float64))
     opt = bc.Adam([dict(params=[p], W_LR_scale=scale, H=H), dict(params=[q])], LR=LR)
@@ -411,8 +412,8 @@ def test_adam_is_lasagnes_form_with_scale_and_clip():
         Q = ref.step("q", Q, g, LR)
         np.testing.assert_allclose(p.detach().numpy(), P, rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(q.detach().numpy(), Q, rtol=1e-12, atol=1e-15)
-    # the unscaled group is not clipped: 1.7 stays above 1
-    assert Q[-1] > 1.5 and P[-1] == 1.
+    # the unscaled group is not clipped: 1.7 H stays above H
+    assert Q[-1] > 1.5 * H and P[-1] == H
     # sanity: torch.optim.Adam's epsilon placement gives visibly different numbers here
     tq = nn.Parameter(torch.tensor(theta0, dtype=torch.float64))
     topt = torch.optim.Adam([tq], lr=LR, betas=(B1, B2), eps=EPS)
@@ -420,6 +421,25 @@ def test_adam_is_lasagnes_form_with_scale_and_clip():
         tq.grad = torch.tensor(g)
         topt.step()
     assert np.max(np.abs(tq.detach().numpy() - Q)) > 1e-4
+
+
+def test_step_without_a_gradient_leaves_that_parameter_and_scales_the_others_by_their_own():
+    """step() skips a parameter whose .grad is None; each other parameter still gets its own
+    group's W_LR_scale and H (not the one of the parameter at its place in the shorter list)."""
+    theta0 = np.array([0.1, -0.2, 0.3])
+    g = np.array([0.5, -0.2, 0.1])
+    LR = 0.01
+    p, q, r = (nn.Parameter(torch.tensor(theta0, dtype=torch.float64)) for _ in range(3))
+    opt = bc.Adam([dict(params=[p], W_LR_scale=2., H=1.), dict(params=[q], W_LR_scale=5., H=1.),
+                   dict(params=[r])], LR=LR)
+    q.grad, r.grad = torch.tensor(g), torch.tensor(g)
+    opt.step()
+    ref = NpAdam()
+    np.testing.assert_array_equal(p.detach().numpy(), theta0)
+    np.testing.assert_allclose(q.detach().numpy(), ref.step("q", theta0, g, LR, 5., 1.),
+                               rtol=1e-12)
+    np.testing.assert_allclose(r.detach().numpy(), ref.step("r", theta0, g, LR), rtol=1e-12)
+    assert float(opt.state[p]["step"]) == 0 and float(opt.state[q]["step"]) == 1
 
 
 def np_chain_step(layers, x, t):

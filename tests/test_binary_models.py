@@ -405,6 +405,7 @@ def test_bad_inputs_in_process(runs, tmp_path, capsys):
     assert str(missing) in fails(infer, npz, f"--data_dir={missing}")
     assert ".npz" in fails(export, runs["det"], tmp_path / "x.bin")
     assert "--modes=best" in fails(evaluate, runs["det"], "--modes=best")
+    assert "--modes=: choose from real, sign, ensemble" in fails(evaluate, runs["det"], "--modes=")
 
 
 def test_a_run_with_only_last_pt(runs, tmp_path, capsys):

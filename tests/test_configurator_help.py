@@ -270,6 +270,23 @@ def test_a_resume_may_change_compile(tmp_path):
     assert mnist_config([f"--resume={run_dir}", "--compile=false"])["compile"] == "false"
 
 
+def test_help_says_what_a_resume_may_change_and_how_to_train_longer():
+    text = " ".join(configurator.help_text(runpy.run_path(str(ROOT / "mnist.py"),
+                                                          run_name="x")).split())
+    assert ("with it only device, data_dir and compile may be given (where things are, not what "
+            "is computed), and out_dir only as RUN_DIR itself.") in text
+    assert "so a longer run is a new run: start one with --num_epochs=N" in text
+
+
+def test_a_longer_resume_is_refused_saying_why(tmp_path, capsys):
+    run_dir = stored_run(tmp_path, num_epochs=3)
+    with pytest.raises(SystemExit):
+        mnist_config([f"--resume={run_dir}", "--num_epochs=6"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop num_epochs=6 (the run has 3)" in err
+    assert "num_epochs sets the run's LR schedule" in err
+
+
 def test_LR_fin_above_LR_start_is_refused(capsys):
     with pytest.raises(SystemExit) as excinfo:
         mnist_config(["--LR_fin=0.01"])
@@ -277,6 +294,21 @@ def test_LR_fin_above_LR_start_is_refused(capsys):
     assert capsys.readouterr().err == ("error: --LR_fin=0.01: LR_fin must not be above LR_start "
                                        "(0.001): the learning rate would grow every epoch\n")
     assert mnist_config(["--LR_fin=0.001"])["LR_fin"] == 0.001  # a constant LR is fine
+
+
+def test_sizes_the_official_files_cannot_hold_are_refused_before_loading(capsys):
+    """mnist.py's validation set is the rest of the 60000-image training file and its test set
+    has 10000 images: a size they cannot hold is refused here, not after loading (or on a Slurm
+    node)."""
+    assert mnist_config(["--train_set_size=59900"])["train_set_size"] == 59900  # 100 left
+    for argv, says in ((["--train_set_size=59950"], "train_set_size must be at most 59900 with "
+                                                    "batch_size=100"),
+                       (["--batch_size=20000", "--train_set_size=40000"],
+                        "batch_size must be at most 10000, the size of the test set")):
+        with pytest.raises(SystemExit) as excinfo:
+            mnist_config(argv)
+        assert excinfo.value.code == 2
+        assert says in capsys.readouterr().err
 
 
 def test_help_and_errors_stay_fast_without_torch():

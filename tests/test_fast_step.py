@@ -90,26 +90,41 @@ def _run(kind, stochastic, mode, steps=2, device=CPU, precision="fp32", after_ep
                                               ("binarynet_mlp", False)])
 def test_compiled_step_gives_the_eager_step(kind, stochastic):
     """Loss, weights, biases, BN parameters and statistics, Adam's moments and step counts, and
-    the layers' draw counters after two steps, compiled against eager, to float tolerance."""
-    eager_losses, eager, _ = _run(kind, stochastic, "eager")
-    fast_losses, fast, mode = _run(kind, stochastic, "compiled")
+    the layers' draw counters after two steps, compiled against eager, on any number of threads.
+
+    The compiled kernels sum in another order than the eager ones, and the order of the
+    compiled convolution's weight gradient depends on the thread count. Where a gradient is a
+    near-cancelling sum (one of model.12.weight's was -6.7e-7 against a median of 1.7e-3; the
+    CNN with 1 thread gives -6.1e-7, with 2 -6.6e-7, eager -6.7e-7), Adam's first step
+    m/(sqrt(v) + epsilon) is in epsilon's range, where it moves steeply with g: rounding becomes
+    a fraction of a step. What holds on any thread count: counters exact, the loss to float
+    rounding, and every element within float tolerance but for a few, each within one step of
+    LR * W_LR_scale per training step."""
+    steps, LR = 2, 0.01  # _run's first epoch: both steps at LR 0.01
+    eager_losses, eager, _ = _run(kind, stochastic, "eager", steps=steps)
+    fast_losses, fast, mode = _run(kind, stochastic, "compiled", steps=steps)
     assert mode == "compiled"  # no fallback happened
     torch.testing.assert_close(fast_losses, eager_losses, rtol=1e-5, atol=1e-6)
     assert fast.keys() == eager.keys()
+    model, _ = _network(kind, stochastic)
+    scale = {f"model.{n}.weight": m.W_LR_scale for n, m in model.named_modules()
+             if isinstance(m, bc.BinaryLayerMixin)}
     worst = []
     for k in eager:
         if eager[k].dtype in (torch.int64, torch.float64):  # counters and step counts: exact
             assert torch.equal(fast[k], eager[k]), k
-        elif k.startswith("model.") and k.endswith((".bias", ".mean")):
+            continue
+        diff = (fast[k] - eager[k]).abs()
+        # one step at most per training step: LR * W_LR_scale (1 off the binary weights)
+        assert diff.max() <= steps * LR * scale.get(k, 1.) * 1.001, (k, float(diff.max()))
+        if k.startswith("model.") and k.endswith((".bias", ".mean")):
             # A bias before a training-mode BN has a gradient of pure rounding noise (§1.4),
             # which Adam turns into steps of up to LR either way; the BN running mean carries
-            # that bias. Bounded, not compared.
-            assert (fast[k] - eager[k]).abs().max() <= 2 * 0.01 * 1.001, k
-        else:
-            # Adam's m/sqrt(v) magnifies rounding where a gradient is near 0: up to a fraction
-            # of a step for such an element (LR * W_LR_scale is 0.2 to 0.8 here) ...
-            torch.testing.assert_close(fast[k], eager[k], rtol=1e-4, atol=1e-3, msg=k)
-            worst.append(float((fast[k] - eager[k]).abs().max()))
+            # that bias. Bounded only.
+            continue
+        far = ~torch.isclose(fast[k], eager[k], rtol=1e-4, atol=1e-3)
+        assert far.sum() <= max(1, 0.01 * far.numel()), (k, int(far.sum()))  # a few
+        worst.append(float(diff.max()))
     # ... while nearly everything agrees to float32 rounding
     assert np.median(worst) < 1e-5
 
@@ -319,8 +334,11 @@ def test_counter_streams_continue_on_any_device_and_say_so_when_switching_kind(c
 # The report's note on huge validation losses
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("huge", ["validation", "test"])
-def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys, huge):
+@pytest.mark.parametrize("huge, stochastic", [("validation", True), ("test", True),
+                                               ("validation", False)])
+def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys, huge, stochastic):
+    """Explained for stochastic BC, where it comes from (sampled weights in training, real ones
+    in evaluation); deterministic BC evaluates the weights it trained with: no such note."""
     rng = np.random.RandomState(0)
     X = (rng.randn(40, 10) * 100).astype(np.float32)
     t = (2. * np.eye(10)[rng.randint(0, 10, 40)] - 1.).astype(np.float32)
@@ -338,7 +356,7 @@ def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys, huge)
     try:
         run = rundir.start_run("mnist", script_config(
             seed=1, device="cpu", resume="", out_dir=str(tmp_path / "run"), batch_size=20,
-            LR_start=0.001, LR_fin=0.001, num_epochs=1))
+            LR_start=0.001, LR_fin=0.001, num_epochs=1, stochastic=stochastic))
         model = Scaled()
         training.train(model, [(X, (t + 1) / 2) for X, t in data], run)
     finally:
@@ -346,4 +364,4 @@ def test_huge_validation_loss_is_explained_in_the_report(tmp_path, capsys, huge)
             sys.stdout.file.close()
             sys.stdout = saved
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert training.BIG_LOSS_NOTE in log
+    assert (training.BIG_LOSS_NOTE in log) == stochastic

@@ -138,12 +138,13 @@ def test_layer_out_of_range_lists_layers(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_corrupt_checkpoint_names_the_file(tmp_path):
-    a = make_run(tmp_path / "a")
-    (a / "best.pt").write_bytes(b"not a checkpoint")
-    r = run_plot(a)
-    assert r.returncode == 2 and str(a / "best.pt") in r.stderr
+def test_corrupt_checkpoint_names_the_file_and_nothing_is_written(tmp_path):
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    (b / "best.pt").write_bytes(b"not a checkpoint")
+    r = run_plot(a, b, f"--out={tmp_path / 'plots'}")
+    assert r.returncode == 2 and str(b / "best.pt") in r.stderr
     assert "Traceback" not in r.stderr
+    assert r.stdout == "" and not (tmp_path / "plots").exists()  # checked first, then drawn
 
 
 def test_importable_functions_and_partial_last_line(tmp_path, capsys):
@@ -254,7 +255,7 @@ def test_curves_two_panels_markers_and_legend_outside(tmp_path, epochs, markers)
         low, high = ax_err.get_xlim()
         assert [t for t in ax_err.get_xticks() if low <= t <= high] == [1]
     import matplotlib.pyplot as plt
-    plt.close(fig)
+    plot.plt.close(fig)
     plot.plot_curves(runs, tmp_path / "c.png")
     check_png(tmp_path / "c.png")
 
@@ -299,6 +300,32 @@ def test_paper_figures(tmp_path):
     assert len(_panels(fig2)) == 4 and len(fig2.legends) == 1
     fig3 = plot.curves_figure(cifar)
     assert len(_panels(fig3)) == 2
+
+
+@pytest.mark.parametrize("span", [0.0917, 0.617, 2.1])
+def test_figure2_tick_labels_do_not_overlap(tmp_path, span):
+    """A real-valued layer's span gave nine labels like -0.075 on a 4.4-inch panel, drawn into
+    each other; every panel's labels keep apart, whatever the span."""
+    runs = [make_run(tmp_path / "noreg", binary=False, first_layer=(40, 784), seed=1),
+            make_run(tmp_path / "det", stochastic=False, first_layer=(40, 784), seed=2)]
+    w = torch.randn(40, 784, generator=torch.Generator().manual_seed(0)) * span / 4
+    w[0, 0] = span
+    ckpt = torch.load(runs[0] / "best.pt", weights_only=False)
+    ckpt["model"]["0.weight"] = w.clamp(-span, span)
+    torch.save(ckpt, runs[0] / "best.pt")
+    fig = plot.histograms_figure(runs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels()
+                        if t.get_text() and low <= t.get_position()[0] <= high),
+                       key=lambda b: b.x0)
+        assert len(boxes) >= 3
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 + 5 < right.x0, (ax.get_title(), [t.get_text() for t in
+                                                             ax.get_xticklabels()])
+    plot.plt.close(fig)
 
 
 def test_paper_figures_need_the_right_runs(tmp_path):

@@ -30,6 +30,7 @@ import fast_step
 import models
 import checkpoints
 import rundir
+from runfiles import RunError
 import training
 from fake_data import script_config, write_fake_mnist
 
@@ -365,6 +366,73 @@ def test_full_disk_on_best_checkpoint_does_not_advance_last(tmp_path, monkeypatc
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_full_disk_during_a_background_write_stops_the_run(tmp_path, monkeypatch):
+    """Training writes its checkpoints with CheckpointWriter, in a thread: a write that fails
+    there must stop the run at the next wait(), with the same message as a synchronous save,
+    not vanish with the thread (the run would end with status 0, last.pt stale)."""
+    run, model, optimizer, state = tiny_training_state(tmp_path)
+    checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
+    before = (tmp_path / "last.pt").read_bytes()
+    state.epoch, state.history = 2, [dict(epoch=1), dict(epoch=2)]
+    writer = checkpoints.CheckpointWriter(run)
+    with monkeypatch.context() as m:
+        _FullDisk(m, "last.pt", "write")
+        writer.save(checkpoints.take_checkpoint(run, model, optimizer, state), best=False)
+        with pytest.raises(SystemExit) as e:
+            writer.wait()
+    assert os.strerror(errno.ENOSPC) in str(e.value.code)
+    assert f"--resume={tmp_path}" in str(e.value.code)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    writer.wait()  # raised once: the writer is usable again
+
+
+def _version_1(checkpoint):
+    """A version-2 checkpoint written as version 1 wrote it: Adam's step counts as ints under
+    "t", no draw counters in the model, the random streams without their kind and device, no
+    elapsed time."""
+    checkpoint = dict(checkpoint, version=1)
+    checkpoint["optimizer"]["state"] = {
+        k: dict({n: v for n, v in s.items() if n != "step"}, t=int(s["step"]))
+        for k, s in checkpoint["optimizer"]["state"].items()}
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if not k.endswith("draws")}
+    checkpoint["rng"] = {k: v for k, v in checkpoint["rng"].items() if k not in ("kind", "device")}
+    del checkpoint["elapsed"]
+    return checkpoint
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_a_version_1_checkpoint_resumes_with_its_draws_counted(tmp_path, capsys, stochastic):
+    """Version 1 had no draw counters: every stochastic layer drew once per step taken, and a
+    resume that counts them from 0 would start the counter streams over (the same draws
+    again). Its step counts become version 2's float64 tensors."""
+    import binary_connect as bc
+    np.random.seed(0)
+    model = models.mlp(num_units=8, n_hidden_layers=1, n_inputs=4, stochastic=stochastic)
+    optimizer = bc.make_optimizer(model, 1e-3)
+    x, t = torch.randn(6, 4), torch.sign(torch.randn(6, 10))
+    steps = 3
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.square(torch.clamp(1 - t * model(x), min=0)).mean().backward()
+        optimizer.step()
+    run = rundir.Run("mnist", dict(seed=0), tmp_path, torch.device("cpu"), resume=True)
+    state = checkpoints.Progress(order=np.arange(6), LR=1e-3, epoch=1, history=[dict(epoch=1)])
+    torch.save(_version_1(checkpoints.take_checkpoint(run, model, optimizer, state)),
+               tmp_path / "last.pt")
+    np.random.seed(0)
+    fresh = models.mlp(num_units=8, n_hidden_layers=1, n_inputs=4, stochastic=stochastic)
+    fresh_optimizer = bc.make_optimizer(fresh, 1e-3)
+    progress = checkpoints.load_checkpoint(run, fresh, fresh_optimizer, 6)
+    assert progress.epoch == 1 and progress.elapsed == 0.
+    for m in bc.binary_layers(fresh):
+        assert int(m.draws) == (steps if stochastic else 0)
+    for p in fresh_optimizer._all:
+        step = fresh_optimizer.state[p]["step"]
+        assert step.dtype == torch.float64 and float(step) == steps
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
 # 3. NaN --------------------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_naming_epoch_and_batch(work, tmp_path):
@@ -539,6 +607,31 @@ def test_a_directory_another_process_trains_in_is_refused_untouched(work, tmp_pa
 
 
 
+def test_only_the_lock_file_itself_passes_as_an_inherited_lock(tmp_path, monkeypatch):
+    """sweep.py holds the lock and passes its descriptor in LOCK_FD; any other descriptor there
+    (a stale variable in the environment, another run's lock) must not let a process train
+    without the lock."""
+    import fcntl
+    (tmp_path / rundir.LOCK).write_text("")
+    holder = open(tmp_path / rundir.LOCK, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: another process's
+    other = open(tmp_path / "other", "w")
+    try:
+        monkeypatch.setenv(rundir.LOCK_FD, str(other.fileno()))
+        with pytest.raises(RunError, match="is in use"):
+            rundir.lock(tmp_path)
+        monkeypatch.setenv(rundir.LOCK_FD, str(holder.fileno()))
+        rundir.lock(tmp_path)  # the lock held for it
+        assert tmp_path.resolve() not in rundir._locks
+    finally:
+        holder.close()
+        other.close()
+    monkeypatch.setenv(rundir.LOCK_FD, "not a number")
+    rundir.lock(tmp_path)  # free now: taken
+    assert tmp_path.resolve() in rundir._locks
+    rundir.unlock(tmp_path)
+
+
 def test_existing_run_dir_without_resume_is_refused(work, reference, tmp_path):
     source, _, _ = reference(True)
     out = tmp_path / "existing"
@@ -567,6 +660,55 @@ def test_resume_into_another_out_dir_is_refused(work, reference, tmp_path):
     assert p.returncode != 0
     assert "--out_dir" in p.stderr and "different directories" in p.stderr
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("edit", [dict(stochastic=False, LR_start=0.003), dict(num_units=64)])
+def test_a_resume_of_an_edited_hparams_json_is_refused(work, reference, tmp_path, edit):
+    """hparams.json is the run's record, not a control: edited, a resume would be half one run,
+    half another (or a torch size-mismatch traceback); the checkpoint's own hyperparameters are
+    compared, and the refusal names each key with both values, and what a resume may change."""
+    source, _, _ = reference(True)
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    record = json.loads((run / "hparams.json").read_text())
+    trained = {k: record["hparams"][k] for k in edit}
+    record["hparams"].update(edit)
+    (run / "hparams.json").write_text(json.dumps(record))
+    before = (run / "last.pt").read_bytes()
+    p = subprocess.run([sys.executable, str(work / "runner.py"), str(REPO), str(REPO / "mnist.py"),
+                        f"--resume={run}"], cwd=work, capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"error: {run / 'hparams.json'} "
+                                                               "does not match the checkpoint")
+    for k, v in edit.items():
+        assert f"{k} is {v!r} there but {trained[k]!r} in the checkpoint" in p.stderr
+    assert "a resume may change only device, data_dir and compile" in p.stderr
+    assert (run / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty"])
+def test_a_damaged_last_pt_says_what_is_damaged_and_what_to_do(tmp_path, damage):
+    """torch's reader error alone left no way forward: the message says what is wrong with
+    last.pt, that the records are kept, whether best.pt is sound, and how to start again."""
+    run, model, optimizer, state = tiny_training_state(tmp_path)
+    checkpoints.save_checkpoint(run, model, optimizer, state, best=True)
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[:len(data) // 2] if damage == "cut" else b"")
+    with pytest.raises(RunError) as e:
+        checkpoints.load_checkpoint(run, model, optimizer, 6)
+    message = str(e.value)
+    assert message.startswith(f"the run's checkpoint {tmp_path / 'last.pt'} " + (
+        f"is cut short ({len(data) // 2} bytes, its end missing" if damage == "cut" else
+        "is empty (0 bytes), so the run cannot continue from it"))
+    assert "best.pt is sound (the model of epoch 1" in message
+    assert "no resume starts from it" in message
+    assert message.endswith(f"start a new run with the hyperparameters of "
+                            f"{tmp_path / 'hparams.json'} and another --out_dir (or move "
+                            f"{tmp_path} aside first)")
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(RunError) as e:
+        checkpoints.load_checkpoint(run, model, optimizer, 6)
+    assert "best.pt" not in str(e.value)
 
 
 def test_resume_with_another_training_set_is_refused(work, reference, tmp_path):

@@ -176,6 +176,12 @@ def test_a_resume_that_gave_new_data_paths(tmp_path):
     assert resolve(run_dir, resumed["hparams"])["data_dir"] == str(tmp_path / "second" / "moved")
     assert resolve(run_dir, record["hparams"])["data_dir"] == str(tmp_path / "first" / "data" /
                                                                   "mnist")
+    # the same relative path given again in a later resume: the latest start's directory
+    again = dict(record, cwd=str(tmp_path / "third"))
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(again) + "\n")
+    assert resolve(run_dir, record["hparams"])["data_dir"] == str(tmp_path / "third" / "data" /
+                                                                  "mnist")
 
 
 # The checkpoint a tool reads -------------------------------------------------------------------
@@ -219,6 +225,15 @@ def test_no_checkpoint_or_not_a_checkpoint(tmp_path):
     (run_dir / "best.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunError, match="best.pt: not a checkpoint of this project"):
         checkpoints.read_checkpoint(run_dir)
+    torch.save(dict(model={}, hparams={}), run_dir / "best.pt")
+    data = (run_dir / "best.pt").read_bytes()
+    (run_dir / "best.pt").write_bytes(data[:len(data) // 2])  # a copy cut short: damaged
+    with pytest.raises(RunError) as e:
+        checkpoints.read_checkpoint(run_dir)
+    assert str(e.value) == (f"{run_dir / 'best.pt'} is cut short ({len(data) // 2} bytes, its "
+                            "end missing: a copy or a disk that failed): a checkpoint whose "
+                            "writing did not finish; the run that wrote it keeps its other "
+                            "records")
     torch.save({"0.weight": torch.ones(2)}, run_dir / "best.pt")  # a bare state dict
     with pytest.raises(RunError, match="best.pt: a torch file, but not a training checkpoint"):
         checkpoints.read_checkpoint(run_dir)

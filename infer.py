@@ -31,7 +31,8 @@ import packed
 from report import mean32, report_lines
 
 FORMAT = "binaryconnect-1bit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added BinaryNet's "sign" and "xnor" layers; version 1 files read as before
+READ_VERSIONS = (1, 2)
 
 
 class ModelError(Exception):
@@ -69,9 +70,9 @@ def load(path):
                          f"({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelError(f"{path}: not a {FORMAT} model written by export.py")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READ_VERSIONS:
         raise ModelError(f"{path}: format version {meta.get('version')}; this infer.py reads "
-                         f"version {FORMAT_VERSION}")
+                         f"versions {', '.join(map(str, READ_VERSIONS))}")
     try:
         lib = packed.kernel()
         layers = [_unpack(op, arrays, lib is not None) for op in meta["layers"]]
@@ -90,6 +91,11 @@ def float_model(model):
         if "bits" in op:
             op["W"] = packed.unpack(op)
             del op["bits"]
+        elif op["op"] == "xnor" and "xbits" in op:
+            del op["xbits"]
+            op["W"] = _xnor_float(op)
+        elif op["op"] == "sign":
+            op["packed"] = False
     return Model(model.meta, layers, model.input_mean, model.path)
 
 
@@ -114,9 +120,48 @@ def _unpack(op, arrays, keep_packed):
     elif op["op"] == "affine":
         op["a"] = arrays[op["scale"]].astype(np.float32)
         op["c"] = arrays[op["shift"]].astype(np.float32)
+    elif op["op"] == "xnor":  # BinaryNet: +-1 inputs, and a threshold unless it is the last layer
+        n = int(np.prod(op["shape"]))
+        signs = arrays[op["signs"]]
+        if signs.dtype != np.uint8 or signs.ndim != 1 or signs.size * 8 < n:
+            raise ValueError(f"{op['signs']} holds fewer than {n} bits")
+        op["H"] = float(op["H"])
+        if op.get("threshold"):
+            op["T"] = arrays[op["threshold"]].astype(np.int64)
+            op["direction"] = arrays[op["direction"]].astype(np.int8)
+        op["signs_bits"] = signs
+        if keep_packed:
+            op["xbits"] = packed.pack_xnor(op, signs)
+            return op
+        op["W"] = _xnor_float(op)
+    elif op["op"] == "sign":
+        op["packed"] = keep_packed
     elif op["op"] not in ("flatten", "maxpool"):
         raise ValueError(f"unknown layer {op['op']!r}")
     return op
+
+
+def _xnor_float(op):
+    """An xnor layer's +-1 matrix (out, in) for the numpy path, in torch's order."""
+    W = np.unpackbits(op["signs_bits"], count=int(np.prod(op["shape"]))).astype(np.float32)
+    return (2 * W - 1).reshape(op["shape"][0], -1)
+
+
+def _xnor_numpy(x, op):
+    """The numpy path of an xnor layer: s, the +-1 dot product, in float32 (exact: integers below
+    2^24), then op's threshold (+-1 out, max-pooled) or, for the last layer, H * s."""
+    s = _conv(x, op) if op["kind"] == "conv" else x @ op["W"].T
+    if "T" not in op:
+        return s * np.float32(op["H"])
+    shape = (1, -1) + (1,) * (s.ndim - 2)
+    up = (op["direction"] > 0).reshape(shape)
+    T = op["T"].reshape(shape)
+    y = np.where(np.where(up, s >= T, s <= T), np.float32(1), np.float32(-1))
+    if op.get("pool"):  # max of the pre-activations: OR of the +1s where up, AND where down
+        N, C, H, W = y.shape
+        q = y[:, :, :H // 2 * 2, :W // 2 * 2].reshape(N, C, H // 2, 2, W // 2, 2)
+        y = np.where(up, q.max((3, 5)), q.min((3, 5)))
+    return y
 
 
 def _conv(x, op):
@@ -159,6 +204,14 @@ def predict(model, X):
             x = _conv(x, op) * np.float32(op["H"])
             if "b" in op:
                 x = x + op["b"][:, None, None]
+        elif kind == "sign":  # binary_tanh_unit's forward: sign, sign(0) = +1 (BinaryNet)
+            x = packed.sign_bits(x) if op["packed"] else np.where(packed.negative(x),
+                                                                  np.float32(-1), np.float32(1))
+        elif kind == "xnor" and "xbits" in op:
+            x = (packed.xnor_conv if op["kind"] == "conv" else packed.xnor_dense)(
+                packed.kernel(), x, op)
+        elif kind == "xnor":
+            x = _xnor_numpy(x, op)
         elif kind == "maxpool":
             N, C, H, W = x.shape
             x = x[:, :, :H // 2 * 2, :W // 2 * 2].reshape(N, C, H // 2, 2, W // 2, 2).max((3, 5))
@@ -182,14 +235,16 @@ def _chunk(model, budget=64 << 20):
     C, H, W = model.input_shape
     largest = C * H * W
     for op in model.layers:
-        if op["op"] == "conv":
+        if op["op"] == "conv" or op.get("kind") == "conv":
             C_out, C_in, kh, kw = op["shape"]
             H, W = H + 2 * op["padding"][0] - kh + 1, W + 2 * op["padding"][1] - kw + 1
             largest = max(largest, H * W * C_in * kh * kw)
             C = C_out
+            if op.get("pool"):
+                H, W = H // 2, W // 2
         elif op["op"] == "maxpool":
             H, W = H // 2, W // 2
-        elif op["op"] == "dense":
+        elif op["op"] == "dense" or op.get("kind") == "dense":
             largest = max(largest, op["shape"][1])
     return max(1, min(1000, budget // (4 * largest)))
 

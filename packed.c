@@ -187,6 +187,221 @@ double bc_sum(const float *x, long n, long reps, int threads)
     return total;
 }
 
+/* ---- BinaryNet: XNOR + popcount on packed activation bits (docs/inference.md, "XNOR path") ----
+
+x and w rows are words of 64 sign bits (a set bit meaning -1, np.packbits order viewed as
+little-endian uint64, zero bits beyond the last input in both), so d = popcount(x XOR w) counts the
+products equal to -1 and the +-1 dot product is n - 2d. Three paths give the same integers:
+portable C, AVX2 (popcount by a 16-entry nibble table, Mula's vpshufb method) and AVX-512
+VPOPCNTDQ (vpopcntq); the AVX ones are compiled with target attributes whatever -march says and
+chosen at run time by bc_xnor_paths() and packed.py. */
+
+#define X_CHUNK 64 /* outputs per work item: one 64-bit word of output bits, no two items share it */
+
+/* d[r * ds + c] = popcount(x_r XOR w_c) for R rows of x and C rows of w, nw words each. */
+typedef void (*counts_fn)(const uint64_t *x, long xs, long rows, const uint64_t *w, long ws,
+                          long outs, long nw, int32_t *d, long ds);
+
+__attribute__((optimize("no-tree-vectorize"))) static void
+counts_portable(const uint64_t *x, long xs, long rows, const uint64_t *w, long ws, long outs,
+                long nw, int32_t *d, long ds)
+{
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < outs; c++) {
+            long n = 0;
+            for (long i = 0; i < nw; i++)
+                n += __builtin_popcountll(x[r * xs + i] ^ w[c * ws + i]);
+            d[r * ds + c] = (int32_t)n;
+        }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define AVX2_FN __attribute__((target("avx2,popcnt")))
+#define AVX512_FN __attribute__((target("avx512f,avx512vpopcntdq,popcnt")))
+
+/* popcount of each 64-bit lane of v: per-byte counts from the nibble table, summed by vpsadbw */
+AVX2_FN static inline __m256i popcnt256(__m256i v)
+{
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256i n = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, low)),
+                                _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4),
+                                                                          low)));
+    return _mm256_sad_epu8(n, _mm256_setzero_si256());
+}
+
+AVX2_FN static inline long hsum256(__m256i v)
+{
+    return _mm256_extract_epi64(v, 0) + _mm256_extract_epi64(v, 1) + _mm256_extract_epi64(v, 2) +
+           _mm256_extract_epi64(v, 3);
+}
+
+/* An R x C register tile over 4-word steps, the last nw % 4 words in scalar popcounts. */
+#define XTILE2(R, C)                                                                          \
+    AVX2_FN static void xtile2_##R##_##C(const uint64_t *x, long xs, const uint64_t *w,       \
+                                         long ws, long nw, int32_t *d, long ds)               \
+    {                                                                                         \
+        __m256i acc[R][C];                                                                    \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int c = 0; c < C; c++)                                                       \
+                acc[r][c] = _mm256_setzero_si256();                                           \
+        long i = 0;                                                                           \
+        for (; i + 4 <= nw; i += 4) {                                                         \
+            __m256i wv[C];                                                                    \
+            for (int c = 0; c < C; c++)                                                       \
+                wv[c] = _mm256_loadu_si256((const __m256i *)(w + c * ws + i));                \
+            for (int r = 0; r < R; r++) {                                                     \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + r * xs + i));           \
+                for (int c = 0; c < C; c++)                                                   \
+                    acc[r][c] = _mm256_add_epi64(acc[r][c],                                   \
+                                                 popcnt256(_mm256_xor_si256(xv, wv[c])));     \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int c = 0; c < C; c++) {                                                     \
+                long n = hsum256(acc[r][c]);                                                  \
+                for (long j = i; j < nw; j++)                                                 \
+                    n += __builtin_popcountll(x[r * xs + j] ^ w[c * ws + j]);                 \
+                d[r * ds + c] = (int32_t)n;                                                   \
+            }                                                                                 \
+    }
+XTILE2(4, 2)
+XTILE2(1, 4)
+XTILE2(1, 1)
+
+AVX2_FN static void counts_avx2(const uint64_t *x, long xs, long rows, const uint64_t *w,
+                                long ws, long outs, long nw, int32_t *d, long ds)
+{
+    long r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        long c = 0;
+        for (; c + 2 <= outs; c += 2)
+            xtile2_4_2(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
+        for (; c < outs; c++)
+            for (long k = 0; k < 4; k++)
+                xtile2_1_1(x + (r + k) * xs, xs, w + c * ws, ws, nw, d + (r + k) * ds + c, ds);
+    }
+    for (; r < rows; r++) {
+        long c = 0;
+        for (; c + 4 <= outs; c += 4)
+            xtile2_1_4(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
+        for (; c < outs; c++)
+            xtile2_1_1(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
+    }
+}
+
+/* The same tiles in 8-word steps with vpopcntq; the last nw % 8 words by a masked load. */
+#define XTILE512(R, C)                                                                        \
+    AVX512_FN static void xtile512_##R##_##C(const uint64_t *x, long xs, const uint64_t *w,   \
+                                             long ws, long nw, int32_t *d, long ds)           \
+    {                                                                                         \
+        __m512i acc[R][C];                                                                    \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int c = 0; c < C; c++)                                                       \
+                acc[r][c] = _mm512_setzero_si512();                                           \
+        for (long i = 0; i < nw; i += 8) {                                                    \
+            __mmask8 m = nw - i >= 8 ? 0xff : (__mmask8)((1u << (nw - i)) - 1);               \
+            __m512i wv[C];                                                                    \
+            for (int c = 0; c < C; c++)                                                       \
+                wv[c] = _mm512_maskz_loadu_epi64(m, w + c * ws + i);                          \
+            for (int r = 0; r < R; r++) {                                                     \
+                __m512i xv = _mm512_maskz_loadu_epi64(m, x + r * xs + i);                     \
+                for (int c = 0; c < C; c++)                                                   \
+                    acc[r][c] = _mm512_add_epi64(acc[r][c],                                   \
+                                                 _mm512_popcnt_epi64(_mm512_xor_si512(xv,     \
+                                                                                      wv[c]))); \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int c = 0; c < C; c++)                                                       \
+                d[r * ds + c] = (int32_t)_mm512_reduce_add_epi64(acc[r][c]);                  \
+    }
+XTILE512(4, 4)
+XTILE512(1, 8)
+XTILE512(1, 1)
+
+AVX512_FN static void counts_avx512(const uint64_t *x, long xs, long rows, const uint64_t *w,
+                                    long ws, long outs, long nw, int32_t *d, long ds)
+{
+    long r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        long c = 0;
+        for (; c + 4 <= outs; c += 4)
+            xtile512_4_4(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
+        for (; c < outs; c++)
+            for (long k = 0; k < 4; k++)
+                xtile512_1_1(x + (r + k) * xs, xs, w + c * ws, ws, nw, d + (r + k) * ds + c,
+                             ds);
+    }
+    for (; r < rows; r++) {
+        long c = 0;
+        for (; c + 8 <= outs; c += 8)
+            xtile512_1_8(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
+        for (; c < outs; c++)
+            xtile512_1_1(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
+    }
+}
+#endif
+
+/* Bit 0 portable, bit 1 AVX2, bit 2 AVX-512 VPOPCNTDQ: the paths this CPU can run. */
+int bc_xnor_paths(void)
+{
+    int paths = 1;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
+        paths |= 2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))
+        paths |= 4;
+#endif
+    return paths;
+}
+
+/* One binary layer on packed bits. For each row r of x (rows x nw words, stride xs) and output o
+   (w: n_out x nw words, stride ws), d = popcount(x_r XOR w_o). With counts != NULL: counts[r *
+   n_out + o] = d (the last layer, whose batch norm gives the scores). Otherwise the output bit,
+   set for -1, is (d > thr[cfg * n_out + o]) XOR flip[o], cfg = row_cfg ? row_cfg[r] : 0 (a
+   convolution's border class, whose zero padding moves the threshold), written in np.packbits
+   order into out (rows x ob bytes). path: 0 portable, 1 AVX2, 2 AVX-512 (the caller checks
+   bc_xnor_paths). Work items: (row tile, 64 outputs) pairs, as in bc_dense. */
+void bc_xnor(const uint64_t *x, long rows, long xs, const uint64_t *w, long n_out, long ws,
+             long nw, const int32_t *thr, const uint8_t *flip, const int32_t *row_cfg,
+             uint8_t *out, long ob, int32_t *counts, int threads, int path)
+{
+    counts_fn f = counts_portable;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (path == 1)
+        f = counts_avx2;
+    else if (path == 2)
+        f = counts_avx512;
+#endif
+    long rt = rows >= 4 ? 4 : 1;
+    long n_rt = (rows + rt - 1) / rt, n_oc = (n_out + X_CHUNK - 1) / X_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (long item = 0; item < n_rt * n_oc; item++) {
+        long r0 = item / n_oc * rt, o0 = item % n_oc * X_CHUNK;
+        long nr = rows - r0 < rt ? rows - r0 : rt, no = n_out - o0 < X_CHUNK ? n_out - o0 : X_CHUNK;
+        if (counts) {
+            f(x + r0 * xs, xs, nr, w + o0 * ws, ws, no, nw, counts + r0 * n_out + o0, n_out);
+            continue;
+        }
+        int32_t d[4 * X_CHUNK];
+        f(x + r0 * xs, xs, nr, w + o0 * ws, ws, no, nw, d, X_CHUNK);
+        for (long r = 0; r < nr; r++) {
+            const int32_t *t = thr + (row_cfg ? row_cfg[r0 + r] : 0) * n_out + o0;
+            uint8_t *o = out + (r0 + r) * ob + o0 / 8;
+            for (long k = 0; k < X_CHUNK / 8; k++) { /* the whole word: zero bits past n_out */
+                uint8_t byte = 0;
+                for (long j = 8 * k; j < 8 * k + 8 && j < no; j++)
+                    byte |= (uint8_t)(((d[r * X_CHUNK + j] > t[j]) ^ flip[o0 + j]) << (7 - j % 8));
+                o[k] = byte;
+            }
+        }
+    }
+}
+
 int bc_avx2(void)
 {
 #ifdef __AVX2__

@@ -189,8 +189,9 @@ double bc_sum(const float *x, long n, long reps, int threads)
 
 /* ---- BinaryNet: XNOR + popcount on packed activation bits (docs/inference.md, "XNOR path") ----
 
-x and w rows are words of 64 sign bits (a set bit meaning -1, np.packbits order viewed as
-little-endian uint64, zero bits beyond the last input in both), so d = popcount(x XOR w) counts the
+x and w rows are words of 64 sign bits (a set bit meaning -1, input 64k + j at bit j of word k:
+np.packbits(bitorder="little") viewed as little-endian uint64, zero bits past the last input
+in both), so d = popcount(x XOR w) counts the
 products equal to -1 and the +-1 dot product is n - 2d. Three paths give the same integers:
 portable C, AVX2 (popcount by a 16-entry nibble table, Mula's vpshufb method) and AVX-512
 VPOPCNTDQ (vpopcntq); the AVX ones are compiled with target attributes whatever -march says and
@@ -345,6 +346,78 @@ AVX512_FN static void counts_avx512(const uint64_t *x, long xs, long rows, const
 }
 #endif
 
+/* For the benchmark's floor: popcount(x XOR key) summed over x[0..n) (n a multiple of 32 words),
+   `reps` passes on each thread, 8 independent accumulators so that the popcount units, not an
+   add's latency, set the pace; over a buffer in L1, the bits per second of the path's popcount. */
+__attribute__((optimize("no-tree-vectorize"))) static long popsum_portable(const uint64_t *x,
+                                                                           long n, long reps)
+{
+    long a[8] = {0};
+    for (long rep = 0; rep < reps; rep++)
+        for (long i = 0; i < n; i += 8)
+            for (int k = 0; k < 8; k++)
+                a[k] += __builtin_popcountll(x[i + k] ^ (uint64_t)rep);
+    return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+AVX2_FN static long popsum_avx2(const uint64_t *x, long n, long reps)
+{
+    __m256i a[8];
+    for (int k = 0; k < 8; k++)
+        a[k] = _mm256_setzero_si256();
+    for (long rep = 0; rep < reps; rep++) {
+        __m256i key = _mm256_set1_epi64x(rep);
+        for (long i = 0; i < n; i += 32)
+            for (int k = 0; k < 8; k++)
+                a[k] = _mm256_add_epi64(a[k], popcnt256(_mm256_xor_si256(
+                                                  _mm256_loadu_si256((const __m256i *)(x + i + 4 * k)), key)));
+    }
+    long s = 0;
+    for (int k = 0; k < 8; k++)
+        s += hsum256(a[k]);
+    return s;
+}
+
+AVX512_FN static long popsum_avx512(const uint64_t *x, long n, long reps)
+{
+    __m512i a[4];
+    for (int k = 0; k < 4; k++)
+        a[k] = _mm512_setzero_si512();
+    for (long rep = 0; rep < reps; rep++) {
+        __m512i key = _mm512_set1_epi64(rep);
+        for (long i = 0; i < n; i += 32)
+            for (int k = 0; k < 4; k++)
+                a[k] = _mm512_add_epi64(a[k], _mm512_popcnt_epi64(_mm512_xor_si512(
+                                                  _mm512_loadu_si512(x + i + 8 * k), key)));
+    }
+    long s = 0;
+    for (int k = 0; k < 4; k++)
+        s += _mm512_reduce_add_epi64(a[k]);
+    return s;
+}
+#endif
+
+long bc_popsum(const uint64_t *x, long n, long reps, int threads, int path)
+{
+    long total = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
+    for (int t = 0; t < threads; t++) {
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (path == 2) {
+            total += popsum_avx512(x, n, reps);
+            continue;
+        }
+        if (path == 1) {
+            total += popsum_avx2(x, n, reps);
+            continue;
+        }
+#endif
+        total += popsum_portable(x, n, reps);
+    }
+    return total;
+}
+
 /* Bit 0 portable, bit 1 AVX2, bit 2 AVX-512 VPOPCNTDQ: the paths this CPU can run. */
 int bc_xnor_paths(void)
 {
@@ -359,23 +432,56 @@ int bc_xnor_paths(void)
     return paths;
 }
 
+/* The output word of 64 units from their counts d and thresholds t: bit j = (d[j] > t[j]). */
+static uint64_t bits_portable(const int32_t *d, const int32_t *t)
+{
+    uint64_t word = 0;
+    for (int j = 0; j < 64; j++)
+        word |= (uint64_t)(d[j] > t[j]) << j;
+    return word;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+AVX2_FN static uint64_t bits_avx2(const int32_t *d, const int32_t *t)
+{
+    uint64_t word = 0;
+    for (int k = 0; k < 8; k++) {
+        __m256i gt = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(d + 8 * k)),
+                                        _mm256_loadu_si256((const __m256i *)(t + 8 * k)));
+        word |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(gt)) << (8 * k);
+    }
+    return word;
+}
+
+AVX512_FN static uint64_t bits_avx512(const int32_t *d, const int32_t *t)
+{
+    uint64_t word = 0;
+    for (int k = 0; k < 4; k++)
+        word |= (uint64_t)_mm512_cmpgt_epi32_mask(_mm512_loadu_si512(d + 16 * k),
+                                                  _mm512_loadu_si512(t + 16 * k)) << (16 * k);
+    return word;
+}
+#endif
+
 /* One binary layer on packed bits. For each row r of x (rows x nw words, stride xs) and output o
    (w: n_out x nw words, stride ws), d = popcount(x_r XOR w_o). With counts != NULL: counts[r *
    n_out + o] = d (the last layer, whose batch norm gives the scores). Otherwise the output bit,
-   set for -1, is (d > thr[cfg * n_out + o]) XOR flip[o], cfg = row_cfg ? row_cfg[r] : 0 (a
-   convolution's border class, whose zero padding moves the threshold), written in np.packbits
-   order into out (rows x ob bytes). path: 0 portable, 1 AVX2, 2 AVX-512 (the caller checks
-   bc_xnor_paths). Work items: (row tile, 64 outputs) pairs, as in bc_dense. */
+   set for -1, is (d > thr[cfg * ts + o]) XOR bit o of flip, cfg = row_cfg ? row_cfg[r] : 0 (a
+   convolution's border class, whose zero padding moves the threshold); thr rows padded to ts, a
+   multiple of 64; out: rows x ow words, bit j of word k for output 64k + j, zero past n_out.
+   path: 0 portable, 1 AVX2, 2 AVX-512 (the caller checks bc_xnor_paths). Work items: (row tile,
+   64 outputs) pairs, as in bc_dense. */
 void bc_xnor(const uint64_t *x, long rows, long xs, const uint64_t *w, long n_out, long ws,
-             long nw, const int32_t *thr, const uint8_t *flip, const int32_t *row_cfg,
-             uint8_t *out, long ob, int32_t *counts, int threads, int path)
+             long nw, const int32_t *thr, long ts, const uint64_t *flip, const int32_t *row_cfg,
+             uint64_t *out, long ow, int32_t *counts, int threads, int path)
 {
     counts_fn f = counts_portable;
+    uint64_t (*bits)(const int32_t *, const int32_t *) = bits_portable;
 #if defined(__x86_64__) && defined(__GNUC__)
     if (path == 1)
-        f = counts_avx2;
+        f = counts_avx2, bits = bits_avx2;
     else if (path == 2)
-        f = counts_avx512;
+        f = counts_avx512, bits = bits_avx512;
 #endif
     long rt = rows >= 4 ? 4 : 1;
     long n_rt = (rows + rt - 1) / rt, n_oc = (n_out + X_CHUNK - 1) / X_CHUNK;
@@ -388,16 +494,14 @@ void bc_xnor(const uint64_t *x, long rows, long xs, const uint64_t *w, long n_ou
             continue;
         }
         int32_t d[4 * X_CHUNK];
+        if (no < X_CHUNK)
+            memset(d, 0, sizeof d);
         f(x + r0 * xs, xs, nr, w + o0 * ws, ws, no, nw, d, X_CHUNK);
+        uint64_t valid = no < X_CHUNK ? (1ULL << no) - 1 : ~0ULL;
         for (long r = 0; r < nr; r++) {
-            const int32_t *t = thr + (row_cfg ? row_cfg[r0 + r] : 0) * n_out + o0;
-            uint8_t *o = out + (r0 + r) * ob + o0 / 8;
-            for (long k = 0; k < X_CHUNK / 8; k++) { /* the whole word: zero bits past n_out */
-                uint8_t byte = 0;
-                for (long j = 8 * k; j < 8 * k + 8 && j < no; j++)
-                    byte |= (uint8_t)(((d[r * X_CHUNK + j] > t[j]) ^ flip[o0 + j]) << (7 - j % 8));
-                o[k] = byte;
-            }
+            const int32_t *t = thr + (row_cfg ? row_cfg[r0 + r] : 0) * ts + o0;
+            out[(r0 + r) * ow + o0 / X_CHUNK] = (bits(d + r * X_CHUNK, t) ^ flip[o0 / X_CHUNK]) &
+                                                valid;
         }
     }
 }

@@ -106,9 +106,12 @@ def kernel():
         lib.bc_sum.argtypes = [P, L, L, ctypes.c_int]
         lib.bc_sum.restype = ctypes.c_double
         lib.bc_avx2.restype = ctypes.c_int
-        lib.bc_xnor.argtypes = [P, L, L, P, L, L, L, P, P, P, P, L, P, ctypes.c_int, ctypes.c_int]
+        lib.bc_xnor.argtypes = [P, L, L, P, L, L, L, P, L, P, P, P, L, P, ctypes.c_int,
+                                ctypes.c_int]
         lib.bc_xnor.restype = None
         lib.bc_xnor_paths.restype = ctypes.c_int
+        lib.bc_popsum.argtypes = [P, L, L, ctypes.c_int, ctypes.c_int]
+        lib.bc_popsum.restype = L
         _lib = lib
     return _lib or None
 
@@ -175,9 +178,10 @@ def conv(lib, x, op):
 
 
 # ---- BinaryNet: hidden layers in bits (packed.c's bc_xnor; docs/inference.md, "XNOR path") ----
-# Activations travel as rows of uint64 words of sign bits, a set bit meaning -1, in np.packbits
-# order (so that weights and activations are packed by the same function), zero bits past the
-# last input: a convolution's as (N, H, W, words per position), a dense layer's as (N, words).
+# Activations travel as rows of uint64 words of sign bits, a set bit meaning -1, input 64k + j at
+# bit j of word k (so that a comparison's mask is a word as it stands), zero bits past the last
+# input: a convolution's as (N, H, W, words per position), a dense layer's as (N, words); the
+# weights are packed by the same function.
 
 XNOR_PATHS = ("portable", "avx2", "avx512")
 
@@ -199,8 +203,8 @@ def xnor_path(lib):
 
 
 def pack_bits(neg):
-    """bool (..., n), True for -1 -> uint64 (..., ceil(n / 64)), np.packbits order."""
-    b = np.packbits(neg, axis=-1)
+    """bool (..., n), True for -1 -> uint64 (..., ceil(n / 64)), bit j of word k for 64k + j."""
+    b = np.packbits(neg, axis=-1, bitorder="little")
     pad = -b.shape[-1] % 8
     if pad:
         b = np.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, pad)])
@@ -234,7 +238,7 @@ def pack_xnor(op, signs):
 
 
 def thresholds(op, corr):
-    """(thr (configs, n_out) int32, flip (n_out,) uint8) of bc_xnor from op's threshold T and
+    """(thr (configs, n_out padded to 64k) int32, flip bits (k,) uint64) of bc_xnor from op's T and
     direction: the unit is +1 iff s >= T (direction +1) or s <= T (-1), s the +-1 dot product.
     The kernel's d = popcount(x XOR w) over all n = kh*kw*C_in positions gives s = n - 2d - corr,
     corr the weights' sum over the taps that fall into the zero padding (0 for dense)."""
@@ -242,7 +246,8 @@ def thresholds(op, corr):
     T, up = op["T"].astype(np.int64), op["direction"] > 0
     m = n - corr.astype(np.int64) - T  # +1 iff d <= m / 2 (up), d >= m / 2 (down)
     thr = np.where(up, np.floor_divide(m, 2), -np.floor_divide(-m, 2) - 1)
-    return thr.astype(np.int32), (~up).astype(np.uint8)
+    thr = np.pad(thr, ((0, 0), (0, -thr.shape[1] % 64)))
+    return np.ascontiguousarray(thr, np.int32), pack_bits(~up)
 
 
 def _border_classes(op, H, W):
@@ -275,16 +280,15 @@ def _run_xnor(lib, cols, op, row_cls=None, thr=None, flip=None):
     w = op["xbits"]
     if thr is None:  # the last layer: the counts
         counts = np.empty((rows, n_out), np.int32)
-        lib.bc_xnor(cols.ctypes.data, rows, nw, w.ctypes.data, n_out, w.shape[1], nw, None, None,
-                    None, None, 0, counts.ctypes.data, threads(), xnor_path(lib))
+        lib.bc_xnor(cols.ctypes.data, rows, nw, w.ctypes.data, n_out, w.shape[1], nw, None, 0,
+                    None, None, None, 0, counts.ctypes.data, threads(), xnor_path(lib))
         return counts
-    ob = -(-n_out // 64) * 8
-    out = np.empty((rows, ob), np.uint8)
+    out = np.empty((rows, len(flip)), np.uint64)
     lib.bc_xnor(cols.ctypes.data, rows, nw, w.ctypes.data, n_out, w.shape[1], nw,
-                thr.ctypes.data, flip.ctypes.data,
-                None if row_cls is None else row_cls.ctypes.data, out.ctypes.data, ob, None,
+                thr.ctypes.data, thr.shape[1], flip.ctypes.data,
+                None if row_cls is None else row_cls.ctypes.data, out.ctypes.data, len(flip), None,
                 threads(), xnor_path(lib))
-    return out.view(np.uint64)
+    return out
 
 
 def xnor_dense(lib, x, op):

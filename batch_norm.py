@@ -1,4 +1,5 @@
-"""The original's batch_norm.py (Jan Schlueter's early Lasagne BN), docs/original.md §3.
+"""The original's batch_norm.py (Jan Schlueter's early Lasagne BN), docs/original.md §3, and
+Lasagne's own BatchNormLayer, which BinaryNet used (§13.4).
 
 Not torch.nn.BatchNorm: epsilon is added to the *biased std* (not inside the sqrt of the
 variance) and the running statistic is that std, not an unbiased variance. The paper's own MNIST
@@ -7,6 +8,20 @@ averages over minibatches: form="var" and collect_statistics() serve it.
 """
 import torch
 import torch.nn as nn
+
+
+def _feature_shape(x):
+    """The view that broadcasts a per-feature vector (axis 1) against x."""
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _batch_statistics(x):
+    """Over every axis but 1 (per unit, or per channel of an image): the batch mean, x centred
+    by it, and Theano's var, the two-pass biased variance (ddof = 0), which both BNs used."""
+    axes = [0] + list(range(2, x.dim()))
+    mean = x.mean(dim=axes)
+    centred = x - mean.view(_feature_shape(x))
+    return mean, centred, torch.square(centred).mean(dim=axes)
 
 
 class BatchNormLayer(nn.Module):
@@ -41,14 +56,10 @@ class BatchNormLayer(nn.Module):
         # Under bf16 autocast the products arrive in bf16; the statistics stay in the layer's
         # own precision (float32).
         x = x.to(self.gamma.dtype)
-        axes = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
+        shape = _feature_shape(x)
         if self.training or self.collecting is not None:
-            mean = x.mean(dim=axes)
-            centred = x - mean.view(shape)
-            # Theano's std: sqrt of the two-pass biased variance (ddof = 0).
-            var = torch.square(centred).mean(dim=axes)
-            std = torch.sqrt(var)
+            mean, centred, var = _batch_statistics(x)
+            std = torch.sqrt(var)  # Theano's std: sqrt of its var
             with torch.no_grad():
                 if self.collecting is not None:
                     # §9 averaged the batches' statistics: the variance in its variance form.
@@ -88,3 +99,45 @@ class BatchNormLayer(nn.Module):
         return (f"{self.num_features}, epsilon={self.epsilon}, alpha={self.alpha}, "
                 f"form={self.form}, "
                 f"nonlinearity={getattr(self.nonlinearity, '__name__', self.nonlinearity)}")
+
+
+class LasagneBatchNormLayer(nn.Module):
+    """lasagne.layers.BatchNormLayer (§13.4), which BinaryNet used; its names, beta, gamma, mean
+    and inv_std, and its defaults epsilon=1e-4, alpha=0.1. Normalises over every axis but 1.
+
+    y = (x - mean) * (gamma * inv_std) + beta. Training: the batch's mean and inv_std =
+    1 / sqrt(var + epsilon), var biased; the running `mean` and `inv_std` move by alpha toward
+    the batch's, inv_std itself averaged (not the variance). Eval: the running ones. No
+    nonlinearity: binary_net.BinaryTanh follows it as a layer of its own, as in the original.
+    """
+
+    def __init__(self, num_features, epsilon=1e-4, alpha=0.1):
+        super().__init__()
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.alpha = alpha
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.gamma = nn.Parameter(torch.ones(num_features))
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("inv_std", torch.ones(num_features))
+
+    def forward(self, x):
+        x = x.to(self.gamma.dtype)  # as BatchNormLayer: the statistics in float32 under bf16
+        shape = _feature_shape(x)
+        if self.training:
+            mean, centred, var = _batch_statistics(x)
+            inv_std = 1. / torch.sqrt(var + self.epsilon)
+            with torch.no_grad():  # Lasagne's default_update: training passes only
+                self.mean.mul_(1. - self.alpha).add_(mean.detach(), alpha=self.alpha)
+                self.inv_std.mul_(1. - self.alpha).add_(inv_std.detach(), alpha=self.alpha)
+        else:
+            centred, inv_std = x - self.mean.view(shape), self.inv_std
+        return centred * (self.gamma * inv_std).view(shape) + self.beta.view(shape)
+
+    def scale_shift(self):
+        """The eval-mode layer as y = scale * x + shift per feature, for an export to fold."""
+        scale = self.gamma * self.inv_std
+        return scale, self.beta - scale * self.mean
+
+    def extra_repr(self):
+        return f"{self.num_features}, epsilon={self.epsilon}, alpha={self.alpha}"

@@ -36,6 +36,10 @@ def quiet(f, *args, **kwargs):
 
 def _network(kind, stochastic):
     np.random.seed(3)
+    if kind == "binarynet_mlp":  # binary activations, Lasagne's BN, dropout (§13)
+        # no dropout: the compiled step draws its masks from inductor's generator
+        return models.binarynet_mlp(num_units=32, n_hidden_layers=2, n_inputs=64, dropout_in=0.,
+                                    dropout_hidden=0., stochastic=stochastic), (64,)
     if kind.startswith("mlp"):
         dropout = dict(dropout_in=0.2, dropout_hidden=0.5) if kind == "mlp_dropout" else {}
         model = models.mlp(num_units=32, n_hidden_layers=2, n_inputs=64, stochastic=stochastic,
@@ -82,7 +86,8 @@ def _run(kind, stochastic, mode, steps=2, device=CPU, precision="fp32", after_ep
 
 
 @pytest.mark.slow  # compiles
-@pytest.mark.parametrize("kind, stochastic", [("mlp", True), ("cnn", False), ("cnn", True)])
+@pytest.mark.parametrize("kind, stochastic", [("mlp", True), ("cnn", False), ("cnn", True),
+                                              ("binarynet_mlp", False)])
 def test_compiled_step_gives_the_eager_step(kind, stochastic):
     """Loss, weights, biases, BN parameters and statistics, Adam's moments and step counts, and
     the layers' draw counters after two steps, compiled against eager, to float tolerance."""

@@ -235,6 +235,11 @@ def mnist_pixel_mean(data_dir):
 
 def preprocessing(script, hp, data_dir=None):
     """(json description, {name: array}) of the inputs the network expects."""
+    if hp.get("inputs") == "binarynet":  # BinaryNet's scripts (§13.5): no centring, GCN or ZCA
+        return (dict(kind=f"{script}_binarynet",
+                     note="x = 2 * (uint8 pixels / 255) - 1 in float32 (MNIST), 2/255 * pixels - 1 "
+                          "(CIFAR-10, SVHN): in [-1, 1], as BinaryNet's scripts read them; "
+                          "(N, C, H, W) float32"), {})
     if script == "mnist":
         mean = mnist_pixel_mean(data_dir or hp["data_dir"])
         return (dict(kind="mnist", scale=1. / 255, mean="input_mean",
@@ -291,7 +296,9 @@ def export(path, out, checkpoint=None, data_dir=None, script=None, log=print):
         data["data_dir" if script != "svhn" else "SVHN_LOCAL_PATH"] = os.path.abspath(data_dir)
     meta = dict(dataset=script, variant=variant(hp), preprocessing=pre, data=data,
                 weights=STOCHASTIC_NOTE if stochastic else
-                "deterministic BC: the sign of W (W >= 0 -> +H), as the network evaluates",
+                "deterministic BC: the sign of W (W >= 0 -> +H), as the network evaluates"
+                + ("; BinaryNet: activations binary_tanh_unit(x), the hidden layers XNOR + "
+                   "popcount with integer thresholds" if hp.get("network") == "binarynet" else ""),
                 source=dict(checkpoint=str(ckpt_path), epoch=ckpt.get("epoch"),
                             hparams={k: v for k, v in hp.items()
                                      if isinstance(v, (int, float, str, bool))}))

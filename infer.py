@@ -252,6 +252,9 @@ def _chunk(model, budget=64 << 20):
 def preprocess(model, images):
     """Raw MNIST images (N, 28, 28) uint8 -> the model's inputs, centred with the stored training
     mean. CIFAR-10 and SVHN inputs are the preprocessed sets themselves."""
+    if model.meta.get("preprocessing", {}).get("kind") == "mnist_binarynet":
+        from bc_datasets import mnist_pixels  # BinaryNet's mnist.py: 2x - 1, not centred
+        return (2 * mnist_pixels(images) - 1.).reshape((len(images),) + model.input_shape)
     if model.input_mean is None:
         raise ValueError(f"{model.path}: this model stores no pixel mean (its inputs are the "
                          f"preprocessed {model.meta.get('dataset')} sets)")
@@ -264,12 +267,16 @@ def load_test_set(model, data_dir=None, center="own"):
     """(X preprocessed float32, labels int) of the model's dataset's test set."""
     from bc_datasets import DatasetError  # numpy and scipy only, like this file
     dataset, data = model.meta.get("dataset"), model.meta.get("data", {})
+    binarynet = model.meta.get("preprocessing", {}).get("kind", "").endswith("_binarynet")
     try:
         if dataset == "mnist":
             from bc_datasets import mnist_files, mnist_split, read_idx
             d = Path(data_dir or data.get("data_dir", "data/mnist"))
             names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
             paths = mnist_files(d, names, verify_checksums=False, download=False)
+            if binarynet:  # as BinaryNet's mnist.py read them: pixels / 255, then 2x - 1
+                X, y = mnist_split(*(paths[n] for n in names), center=False)
+                return 2 * X - 1., y.argmax(1)
             X, y = mnist_split(*(paths[n] for n in names))  # centred with its own mean (§6.1)
             if center == "train":
                 X = preprocess(model, read_idx(paths[names[0]]))
@@ -279,7 +286,8 @@ def load_test_set(model, data_dir=None, center="own"):
             d = data_dir or data.get("data_dir", "data/cifar10")
             _, _, (X, y) = load_cifar10(d, train_set_size=data.get("train_set_size", 45000),
                                         verify_checksums=data.get("verify_checksums", True),
-                                        download=False)
+                                        download=False,
+                                        **(dict(gcn_zca=False) if binarynet else {}))
             return X, y.argmax(1)
         if dataset == "svhn":
             from bc_datasets import load_svhn
@@ -337,7 +345,8 @@ def main(argv=None):
             raise ModelError(f"the test set has {len(labels)} examples, fewer than "
                              f"batch_size={batch_size}; use --all")
         print(f"{model.path}: {model.meta.get('dataset')}, {model.meta.get('variant')}, "
-              f"1-bit weights; {n} of {len(labels)} test images"
+              + ("1-bit weights and activations" if any(op["op"] == "xnor" for op in model.layers)
+                 else "1-bit weights") + f"; {n} of {len(labels)} test images"
               + ("" if args.all else f" (full batches of {batch_size}, as the report counts)"))
         print("\n".join(report_lines(dict(test_loss=loss, test_err=err))))
     except ModelError as e:

@@ -293,6 +293,21 @@ AVX2_FN static void counts_avx2(const uint64_t *x, long xs, long rows, const uin
     }
 }
 
+/* The 8 lane sums of a[0..8) as 8 int32, by a transposition tree (21 instructions instead of 8
+   reductions of 7): at the 4 x 4 tile's 64-word rows the reductions had cost a third of it. */
+AVX512_FN static inline __m256i sum8(const __m512i *a)
+{
+    __m512i u[4], v[2];
+    for (int i = 0; i < 4; i++) /* 128-bit lane L of u[i]: the pair sums of a[2i], a[2i+1] */
+        u[i] = _mm512_add_epi64(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]),
+                                _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+    for (int j = 0; j < 2; j++)
+        v[j] = _mm512_add_epi64(_mm512_shuffle_i64x2(u[2 * j], u[2 * j + 1], 0x88),
+                                _mm512_shuffle_i64x2(u[2 * j], u[2 * j + 1], 0xdd));
+    return _mm512_cvtepi64_epi32(_mm512_add_epi64(_mm512_shuffle_i64x2(v[0], v[1], 0x88),
+                                                  _mm512_shuffle_i64x2(v[0], v[1], 0xdd)));
+}
+
 /* The same tiles in 8-word steps with vpopcntq; the last nw % 8 words by a masked load. */
 #define XTILE512(R, C)                                                                        \
     AVX512_FN static void xtile512_##R##_##C(const uint64_t *x, long xs, const uint64_t *w,   \
@@ -315,9 +330,19 @@ AVX2_FN static void counts_avx2(const uint64_t *x, long xs, long rows, const uin
                                                                                       wv[c]))); \
             }                                                                                 \
         }                                                                                     \
-        for (int r = 0; r < R; r++)                                                           \
-            for (int c = 0; c < C; c++)                                                       \
-                d[r * ds + c] = (int32_t)_mm512_reduce_add_epi64(acc[r][c]);                  \
+        if (R * C == 1) {                                                                     \
+            d[0] = (int32_t)_mm512_reduce_add_epi64(acc[0][0]);                               \
+            return;                                                                           \
+        }                                                                                     \
+        for (int k = 0; k < R * C; k += 8) { /* 8 sums = R / C rows of C outputs */            \
+            __m256i s = sum8(&acc[0][0] + k);                                                 \
+            for (int j = 0; j < 8; j += C)                                                    \
+                _mm_storeu_si128((__m128i *)(d + ((k + j) / C) * ds), j < 4 ?                  \
+                                 _mm256_castsi256_si128(s) : _mm256_extracti128_si256(s, 1));  \
+            if (C == 8)                                                                       \
+                _mm_storeu_si128((__m128i *)(d + (k / C) * ds + 4),                           \
+                                 _mm256_extracti128_si256(s, 1));                             \
+        }                                                                                     \
     }
 XTILE512(4, 4)
 XTILE512(1, 8)

@@ -227,3 +227,34 @@ def test_real_mnist_same_predictions_as_the_float_model(tmp_path):
     print(f"8000 images: hidden bits differing from torch per layer {flipped}; "
           f"max |scores - torch| {np.abs(got - scores).max():.2e}")
     assert max(flipped) < 1e-5
+
+
+def test_export_and_infer_a_binarynet_run(tmp_path):
+    """`python export.py RUN OUT.npz` and `python infer.py OUT.npz` on a BinaryNet run of
+    mnist.py config/mnist_binarynet.py (a tiny one, on fake MNIST files): the file holds xnor
+    layers, infer.py prints the training report's test error, and its scores are the torch
+    model's."""
+    import evaluate
+    import mnist
+    from fake_data import write_fake_mnist
+    from test_binary_models import ROOT, report_value, run, torch_logits
+    write_fake_mnist(tmp_path / "data", n_train=300, n_test=100)
+    out, npz = tmp_path / "run", tmp_path / "bnn.npz"
+    run(ROOT / "mnist.py", "config/mnist_binarynet.py", f"--data_dir={tmp_path / 'data'}",
+        "--verify_checksums=False", "--train_set_size=200", "--num_units=70", "--num_epochs=1",
+        "--batch_size=50", "--device=cpu", "--compile=false", f"--out_dir={out}")
+    proc = run(ROOT / "export.py", out, npz)
+    assert "smaller" in proc.stdout
+    m = infer.load(npz)
+    assert [op["op"] for op in m.layers].count("xnor") == 3
+    assert m.meta["preprocessing"]["kind"] == "mnist_binarynet" and m.input_mean is None
+    model, hp, *_ = evaluate.load_trained(out)
+    _, _, (X_test, _) = mnist.load_data(hp)
+    theirs = torch_logits(model, X_test)
+    ours = infer.predict(m, X_test)
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+    proc = run(ROOT / "infer.py", npz)
+    assert "1-bit weights and activations" in proc.stdout
+    history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert abs(report_value(proc.stdout, "test error rate:") - history[-1]["test_err"]) < 1e-4

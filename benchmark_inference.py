@@ -11,7 +11,7 @@ For each net (freshly built and exported by export.py: timing needs no training)
   torch_f32   the same network as float32 matrices in torch (H folded in; one matmul or conv2d per
               layer, the affine and ReLU after it; torch.set_num_threads(--threads));
   torch_bf16  the same in bfloat16, weights and activations.
-The variants alternate, `repeats` rounds; the best round of each is kept (the machine is shared).
+The variants alternate, `repeats` rounds; the fastest call of each is kept (the machine is shared).
 
 The floor of the packed path: max(weight bytes / memory bandwidth, adds / add rate + bits /
 popcount rate), where the bytes are the model's arrays (the bits and the float32 scales, shifts,
@@ -172,15 +172,17 @@ def machine_rates(lib, threads):
 
 
 def timed(fn, x, budget):
-    """Seconds per call: the mean over as many calls as fit in `budget` seconds (at least 1)."""
+    """Seconds per call: the fastest of as many single calls as fit in `budget` seconds (at least
+    1). On a machine shared with other processes a preempted call is slower, never faster; a mean
+    over calls measured the load (10x on a 2-core machine at load 12)."""
     t = time.perf_counter()
     fn(x)
-    first = time.perf_counter() - t
-    n = max(1, min(200, int(budget / max(first, 1e-6))))
-    t = time.perf_counter()
-    for _ in range(n):
+    best = time.perf_counter() - t
+    for _ in range(max(0, min(200, int(budget / max(best, 1e-6))) - 1)):
+        t = time.perf_counter()
         fn(x)
-    return (time.perf_counter() - t) / n
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def main(argv=None):

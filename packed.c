@@ -293,10 +293,14 @@ AVX2_FN static void counts_avx2(const uint64_t *x, long xs, long rows, const uin
     }
 }
 
-/* The 8 lane sums of a[0..8) as 8 int32, by a transposition tree (21 instructions instead of 8
-   reductions of 7): at the 4 x 4 tile's 64-word rows the reductions had cost a third of it. */
-AVX512_FN static inline __m256i sum8(const __m512i *a)
+/* The 8 lane sums of a0..a7 as 8 int32, by a transposition tree: 21 instructions instead of 8
+   reductions of about 7, which at a conv's 18-word rows (3 steps of the 4 x 4 tile) cost more
+   than the popcounts. */
+AVX512_FN static inline __m256i sum8(__m512i a0, __m512i a1, __m512i a2, __m512i a3, __m512i a4,
+                                     __m512i a5, __m512i a6, __m512i a7)
 {
+    /* by value: an address taken of the accumulators would keep them in memory, not registers */
+    const __m512i a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
     __m512i u[4], v[2];
     for (int i = 0; i < 4; i++) /* 128-bit lane L of u[i]: the pair sums of a[2i], a[2i+1] */
         u[i] = _mm512_add_epi64(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]),
@@ -309,6 +313,7 @@ AVX512_FN static inline __m256i sum8(const __m512i *a)
 }
 
 /* The same tiles in 8-word steps with vpopcntq; the last nw % 8 words by a masked load. */
+#define ACC(i, R, C) acc[(i) / (C) % (R)][(i) % (C)] /* the modulo keeps dead code in bounds */
 #define XTILE512(R, C)                                                                        \
     AVX512_FN static void xtile512_##R##_##C(const uint64_t *x, long xs, const uint64_t *w,   \
                                              long ws, long nw, int32_t *d, long ds)           \
@@ -335,7 +340,9 @@ AVX512_FN static inline __m256i sum8(const __m512i *a)
             return;                                                                           \
         }                                                                                     \
         for (int k = 0; k < R * C; k += 8) { /* 8 sums = R / C rows of C outputs */            \
-            __m256i s = sum8(&acc[0][0] + k);                                                 \
+            __m256i s = sum8(ACC(k, R, C), ACC(k + 1, R, C), ACC(k + 2, R, C), ACC(k + 3, R, C), \
+                             ACC(k + 4, R, C), ACC(k + 5, R, C), ACC(k + 6, R, C),            \
+                             ACC(k + 7, R, C));                                               \
             for (int j = 0; j < 8; j += C)                                                    \
                 _mm_storeu_si128((__m128i *)(d + ((k + j) / C) * ds), j < 4 ?                  \
                                  _mm256_castsi256_si128(s) : _mm256_extracti128_si256(s, 1));  \

@@ -245,9 +245,9 @@ def read_idx(path) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def mnist_split(images_path, labels_path):
+def mnist_split(images_path, labels_path, center=True):
     """One MNIST file pair -> (X float32 (N, 1, 28, 28) centred with the file's own per-pixel mean,
-    y one-hot), as pylearn2 loaded a split (§6.1)."""
+    y one-hot), as pylearn2 loaded a split (§6.1); center=False: X is pixels / 255, in [0, 1]."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
         raise DatasetError(f"{images_path}: expected uint8 images of shape (N, 28, 28), got "
@@ -258,7 +258,8 @@ def mnist_split(images_path, labels_path):
     # center=True subtracts the per-pixel mean of the whole file that was read (before any
     # start/stop slicing).
     X = mnist_pixels(images)
-    X -= pixel_mean(X)
+    if center:
+        X -= pixel_mean(X)
     return X.reshape(-1, 1, 28, 28), one_hot(labels)
 
 
@@ -337,14 +338,16 @@ def mnist_files(data_dir, names=tuple(MNIST_FILES), verify_checksums=True, downl
 
 
 def load_mnist(data_dir, train_set_size=50000, verify_checksums=True, download=True, mirrors=None,
-               files=None):
+               files=None, center=True):
     """MNIST as in [P2:datasets/mnist.py]: train = train file [0:train_set_size], valid = the rest;
     the files as mnist_files finds them. Every file is checked for a consistent idx header and
-    size."""
+    size. center=False: pylearn2's center=False, pixels / 255 (BinaryNet's, §13.5)."""
     paths = mnist_files(data_dir, verify_checksums=verify_checksums, download=download,
                         mirrors=mirrors, files=files)
-    X, y = mnist_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"])
-    X_test, y_test = mnist_split(paths["t10k-images-idx3-ubyte.gz"], paths["t10k-labels-idx1-ubyte.gz"])
+    X, y = mnist_split(paths["train-images-idx3-ubyte.gz"], paths["train-labels-idx1-ubyte.gz"],
+                       center)
+    X_test, y_test = mnist_split(paths["t10k-images-idx3-ubyte.gz"],
+                                 paths["t10k-labels-idx1-ubyte.gz"], center)
     return _split_train(X, y, train_set_size) + ((X_test, y_test),)
 
 
@@ -472,9 +475,25 @@ def _load_cache(entry: Path, names) -> dict | None:
         return None
 
 
+def scale_pixels(pixels) -> np.ndarray:
+    """BinaryNet's CIFAR-10 and SVHN inputs (§13.5): 2/255 * pixels - 1 in float32, in [-1, 1]."""
+    return np.asarray(pixels, dtype=np.float32) * np.float32(2. / 255.) - np.float32(1.)
+
+
+def _cifar10_arrays(sources, preprocess) -> dict:
+    """The train batches in file order (§4.3) and the test batch, through preprocess(train, test),
+    as bc01 arrays (a row is in c01 order: 1024 R, 1024 G, 1024 B) with their labels."""
+    batches = {name: _parse_cifar_batch(raw, origin) for name, (raw, _, origin) in sources.items()}
+    train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+    X_train, X_test = preprocess(np.concatenate([d for d, _ in train]), batches["test_batch"][0])
+    return {"train_X": X_train.reshape(-1, 3, 32, 32), "train_y": np.concatenate([l for _, l in train]),
+            "test_X": X_test.reshape(-1, 3, 32, 32), "test_y": batches["test_batch"][1]}
+
+
 def load_cifar10(data_dir, train_set_size=45000, verify_checksums=True, download=True, mirrors=None,
-                 cache_dir=None):
-    """CIFAR-10 preprocessed like pylearn2's ``pylearn2_gcn_whitened`` (§6.2).
+                 cache_dir=None, gcn_zca=True):
+    """CIFAR-10 preprocessed like pylearn2's ``pylearn2_gcn_whitened`` (§6.2); gcn_zca=False:
+    scaled to [-1, 1] instead, as BinaryNet's cifar10.py did (§13.5).
 
     Reads ``data_dir/cifar-10-batches-py/`` if it holds all six batches, else ``cifar-10-python.tar.gz``
     (downloaded if absent). train = rows [0:train_set_size] of data_batch_1..5 in file order, valid = the
@@ -484,24 +503,20 @@ def load_cifar10(data_dir, train_set_size=45000, verify_checksums=True, download
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     sources = _cifar10_sources(data_dir, verify_checksums, download, mirrors)
-    meta = {"format_version": CIFAR10_CACHE_VERSION, "gcn": CIFAR10_GCN,
-            "zca_filter_bias": CIFAR10_ZCA_FILTER_BIAS,
-            "sources_md5": {name: md5 for name, (_, md5, _) in sources.items()}}
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    entry = cache_dir / f"cifar10_gcn_zca_{key}"
-    names = ("train_X", "train_y", "test_X", "test_y")
-
-    arrays = _load_cache(entry, names)
-    if arrays is None:
-        batches = {name: _parse_cifar_batch(raw, origin) for name, (raw, _, origin) in sources.items()}
-        print(f"Building the preprocessed CIFAR-10 cache (GCN scale 55 + ZCA fit on the training images; "
-              f"takes minutes): {entry}", flush=True)
-        train = [batches[f"data_batch_{i}"] for i in range(1, 6)]  # file order, §4.3
-        X_train, X_test = _gcn_zca(np.concatenate([d for d, _ in train]), batches["test_batch"][0])
-        # The design matrix rows are in c01 order (1024 R, 1024 G, 1024 B), so this reshape is bc01.
-        arrays = {"train_X": X_train.reshape(-1, 3, 32, 32), "train_y": np.concatenate([l for _, l in train]),
-                  "test_X": X_test.reshape(-1, 3, 32, 32), "test_y": batches["test_batch"][1]}
-        _save_cache(entry, arrays, meta)
+    if not gcn_zca:  # seconds to compute: no cache
+        arrays = _cifar10_arrays(sources, lambda train, test: (scale_pixels(train), scale_pixels(test)))
+    else:
+        meta = {"format_version": CIFAR10_CACHE_VERSION, "gcn": CIFAR10_GCN,
+                "zca_filter_bias": CIFAR10_ZCA_FILTER_BIAS,
+                "sources_md5": {name: md5 for name, (_, md5, _) in sources.items()}}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        entry = cache_dir / f"cifar10_gcn_zca_{key}"
+        arrays = _load_cache(entry, ("train_X", "train_y", "test_X", "test_y"))
+        if arrays is None:
+            print(f"Building the preprocessed CIFAR-10 cache (GCN scale 55 + ZCA fit on the training "
+                  f"images; takes minutes): {entry}", flush=True)
+            arrays = _cifar10_arrays(sources, _gcn_zca)
+            _save_cache(entry, arrays, meta)
 
     return (_split_train(arrays["train_X"], one_hot(arrays["train_y"]), train_set_size)
             + ((arrays["test_X"], one_hot(arrays["test_y"])),))

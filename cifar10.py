@@ -1,5 +1,6 @@
 """BinaryConnect on CIFAR-10: the lasagne branch's cifar10.py (docs/original.md §4.3), on data
-preprocessed like pylearn2's pylearn2_gcn_whitened (GCN then ZCA, §6.2).
+preprocessed like pylearn2's pylearn2_gcn_whitened (GCN then ZCA, §6.2). BinaryNet's
+Train-time/cifar10.py (§13) is config/cifar10_binarynet.py over this script.
 
 Edit the values below, or override any of them: `python cifar10.py --stochastic=False`.
 """
@@ -7,7 +8,7 @@ Edit the values below, or override any of them: `python cifar10.py --stochastic=
 # BN parameters
 batch_size = 50
 alpha = .1  # exponential moving average factor of the BN statistics
-epsilon = 1e-4  # added to the batch's std (not to the variance) in BN
+epsilon = 1e-4  # added to the batch's std in BN (§3); to the variance in BinaryNet's (§13.4)
 
 # Training parameters
 num_epochs = 500
@@ -21,6 +22,10 @@ W_LR_scale = "Glorot"  # "Glorot": the inverse Glorot coefficient of each layer 
 # Decaying LR
 LR_start = 0.003
 LR_fin = 0.000002
+
+# BinaryNet (§13): config/cifar10_binarynet.py sets its experiment
+network = "binaryconnect"  # "binarynet": Lasagne's BN, then binary_tanh_unit (+-1 activations)
+inputs = "binaryconnect"  # "binaryconnect": GCN + ZCA (§6.2); "binarynet": 2*pixels/255 - 1
 
 train_set_size = 45000  # the last 5000 training images are the validation set
 
@@ -44,7 +49,8 @@ resume = ""  # a run directory to continue
 def load_data(c):
     from bc_datasets import load_cifar10
     return load_cifar10(c["data_dir"], train_set_size=c["train_set_size"],
-                        verify_checksums=c["verify_checksums"])
+                        verify_checksums=c["verify_checksums"],
+                        gcn_zca=c["inputs"] == "binaryconnect")
 
 
 def build_model(c):
@@ -52,7 +58,7 @@ def build_model(c):
     # 128C3-128C3-P2-256C3-256C3-P2-512C3-512C3-P2-1024FC-1024FC-10FC
     return cnn(widths=(128, 256, 512), fc_units=1024, binary=c["binary"],
                stochastic=c["stochastic"], H=c["H"], W_LR_scale=c["W_LR_scale"],
-               epsilon=c["epsilon"], alpha=c["alpha"])
+               epsilon=c["epsilon"], alpha=c["alpha"], network=c["network"])
 
 
 if __name__ == "__main__":

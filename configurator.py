@@ -144,6 +144,8 @@ CHECKS = {
                     (_floats(lambda x: 0 <= x < 1), "must be in [0, 1)")),
     **dict.fromkeys(["H", "W_LR_scale"], (_glorot_or_positive, 'takes "Glorot" or a number > 0')),
     "optimizer": _one_of("adam", "sgd"),
+    "network": _one_of("binaryconnect", "binarynet"),
+    "inputs": _one_of("binaryconnect", "binarynet"),
     "bn_form": _one_of("std", "var"),
     "bn_stats": _one_of("ema", "recompute"),
     "loss_reduction": _one_of("mean", "sum_classes"),
@@ -326,6 +328,11 @@ def _configure(globals_dict, argv):
         raise ConfigError(f"{origin['LR_fin']}: LR_fin must not be above LR_start "
                           f"({config['LR_start']}): the learning rate would grow every epoch")
     _check_sizes(config, origin, Path(script).stem)
+    if config.get("network") == "binarynet":  # BinaryNet's BN is Lasagne's (§13.4), not §3's
+        for key, default in (("bn_form", "std"), ("bn_stats", "ema")):
+            if config.get(key, default) != default:
+                raise ConfigError(f"{origin[key]}: {key} is an option of BinaryConnect's batch "
+                                  f"norm; network=binarynet uses Lasagne's (give {key}={default})")
     return config
 
 

@@ -1,4 +1,5 @@
 """BinaryConnect on permutation-invariant MNIST: the lasagne branch's mnist.py (docs/original.md §4.2).
+BinaryNet's Train-time/mnist.py (§13) is config/mnist_binarynet.py over this script.
 
 This is the original repository's MNIST script (3x2048 MLP, Adam, batch 100, 250 epochs), not the
 paper's own MNIST experiment (3x1024, SGD, batch 200, 1000 epochs): config/mnist_paper_*.py sets
@@ -9,7 +10,7 @@ that one up (docs/original.md §9). Edit the values below, or override any of th
 # BN parameters
 batch_size = 100
 alpha = .15  # exponential moving average factor of the BN statistics
-epsilon = 1e-4  # added to the batch's std (not to the variance) in BN
+epsilon = 1e-4  # added to the batch's std in BN (§3); to the variance in BinaryNet's (§13.4)
 
 # MLP parameters
 num_units = 2048
@@ -31,6 +32,10 @@ W_LR_scale = "Glorot"  # "Glorot": the inverse Glorot coefficient of each layer 
 # Decaying LR
 LR_start = .001
 LR_fin = 0.000003
+
+# BinaryNet (§13): config/mnist_binarynet.py sets its experiment
+network = "binaryconnect"  # "binarynet": Lasagne's BN, then binary_tanh_unit (+-1 activations)
+inputs = "binaryconnect"  # "binaryconnect": pixels/255 minus the per-pixel mean (§6.1); "binarynet": 2*pixels/255 - 1
 
 # The paper's own MNIST protocol (§9) needs these; the defaults are the lasagne branch's
 optimizer = "adam"  # "adam": Lasagne's Adam (§2.2); "sgd": plain SGD, no momentum (§9)
@@ -54,8 +59,11 @@ resume = ""  # a run directory to continue
 
 def load_data(c):
     from bc_datasets import load_mnist
-    return load_mnist(c["data_dir"], train_set_size=c["train_set_size"],
-                      verify_checksums=c["verify_checksums"])
+    sets = load_mnist(c["data_dir"], train_set_size=c["train_set_size"],
+                      verify_checksums=c["verify_checksums"], center=c["inputs"] == "binaryconnect")
+    if c["inputs"] == "binarynet":  # §13.5: pylearn2's center=False pixels in [0, 1], then 2x - 1
+        sets = tuple((2 * X - 1., y) for X, y in sets)
+    return sets
 
 
 def build_model(c):
@@ -64,7 +72,7 @@ def build_model(c):
                dropout_in=c["dropout_in"], dropout_hidden=c["dropout_hidden"], binary=c["binary"],
                stochastic=c["stochastic"], H=c["H"], W_LR_scale=c["W_LR_scale"],
                epsilon=c["epsilon"], alpha=c["alpha"], init_range=c["init_range"],
-               bn_form=c["bn_form"])
+               bn_form=c["bn_form"], network=c["network"])
 
 
 if __name__ == "__main__":

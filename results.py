@@ -27,7 +27,8 @@ from rundir import RunError, find_runs, is_finished, read_metrics, read_record, 
 
 ROOT = Path(__file__).resolve().parent
 DATASETS = {"mnist": "MNIST", "cifar10": "CIFAR-10", "svhn": "SVHN"}
-VARIANTS = ["No regularizer", "BinaryConnect (det.)", "BinaryConnect (stoch.)", "50% Dropout"]
+VARIANTS = ["No regularizer", "BinaryConnect (det.)", "BinaryConnect (stoch.)", "50% Dropout",
+            "BinaryNet"]
 
 # The paper's Table 2 (§8.4), with its marks: (C) corroborated, (R) recalled, not yet checked
 # against the PDF. The MNIST numbers come from the paper's own protocol (config/mnist_paper_*.py).
@@ -42,6 +43,10 @@ PAPER = {
     ("svhn", "No regularizer"): "2.44 (R)",
     ("svhn", "BinaryConnect (det.)"): "2.30 (C)",
     ("svhn", "BinaryConnect (stoch.)"): "2.15 (C)",
+    # BinaryNet's Train-time README (§13.5), the numbers of the BinaryNet paper's Table 1
+    ("mnist", "BinaryNet"): "0.96 (C)",
+    ("cifar10", "BinaryNet"): "11.40 (C)",
+    ("svhn", "BinaryNet"): "2.80 (C)",
 }
 
 # These do not split a row: where things are (paths, device), the seed that the row averages over,
@@ -75,10 +80,15 @@ def defaults(script, cache={}):
     return cache[script]
 
 
-def paper_mnist_protocol():
+def protocol_of(script, config_path):
+    """The script's hyperparameters with a config file's applied: what a protocol sets."""
     scope = {}
-    exec(PAPER_MNIST.read_text(), {}, scope)
-    return {**defaults("mnist"), **hyperparameters(scope)}
+    exec(Path(config_path).read_text(), {}, scope)
+    return {**defaults(script), **hyperparameters(scope)}
+
+
+def paper_mnist_protocol():
+    return protocol_of("mnist", PAPER_MNIST)
 
 
 def run_summary(run_dir):
@@ -101,6 +111,8 @@ def variant(hp):
     """The Table 2 row these hyperparameters make (a hparams.json record or the hyperparameters
     themselves): the one name of a run's variant, in tables, plots and exports."""
     hp = hp["hparams"] if isinstance(hp.get("hparams"), dict) else hp
+    if hp.get("network") == "binarynet":  # its weights and dropout are settings (§13.5)
+        return "BinaryNet"
     hidden, inputs = hp.get("dropout_hidden", 0), hp.get("dropout_in", 0)
     dropout = f"{hidden:.0%} Dropout" if hidden else ""
     if inputs:
@@ -112,11 +124,15 @@ def variant(hp):
 
 
 def protocol_and_settings(script, hp):
-    """Which protocol the run follows (for MNIST: the lasagne script's or the paper's, §9) and the
-    hyperparameters in which it departs from it, e.g. a reduced num_epochs."""
-    def departures(base):
-        return {k: v for k, v in hp.items() if k not in NOT_IN_ROW | VARIANT_KEYS
+    """Which protocol the run follows (for MNIST: the lasagne script's or the paper's, §9;
+    BinaryNet's, §13) and the hyperparameters in which it departs from it, e.g. a reduced
+    num_epochs."""
+    def departures(base, named=VARIANT_KEYS):
+        return {k: v for k, v in hp.items() if k not in NOT_IN_ROW | named
                 and normal(v) != normal(base.get(k))}
+    if hp.get("network") == "binarynet":  # BinaryNet's script: config/<dataset>_binarynet.py
+        return "BinaryNet", departures(protocol_of(script, ROOT / "config" /
+                                                   f"{script}_binarynet.py"), named=set())
     lasagne = departures(defaults(script))
     if script == "mnist":
         paper = departures(paper_mnist_protocol())
@@ -226,7 +242,8 @@ def notes_for(rows, unfinished, notes):
                      "lasagne branch's README gives ~1.15 %.")
     lines.append("Test error (%) at the best-validation epoch; mean ± sample std (n - 1) over "
                  "seeds. Paper: Table 2 (C: corroborated; R: recalled, not checked against the "
-                 "PDF).")
+                 "PDF)" + ("; BinaryNet: its Train-time README." if any(
+                     row["variant"] == "BinaryNet" for row in rows) else "."))
     for run in unfinished:
         done = run["metrics"][-1]["epoch"] if run["metrics"] else 0
         lines.append(f"Unfinished (not averaged): {run['dir']} (epoch {done} of "

@@ -8,7 +8,7 @@ import os
 # BN parameters
 batch_size = 50
 alpha = .1  # exponential moving average factor of the BN statistics
-epsilon = 1e-4  # added to the batch's std (not to the variance) in BN
+epsilon = 1e-4  # added to the batch's std in BN (§3); to the variance in BinaryNet's (§13.4)
 
 # Training parameters
 num_epochs = 200
@@ -22,6 +22,9 @@ W_LR_scale = "Glorot"  # "Glorot": the inverse Glorot coefficient of each layer 
 # Decaying LR
 LR_start = 0.01
 LR_fin = 0.000003
+
+# BinaryNet (§13): config/svhn_binarynet.py sets its experiment
+network = "binaryconnect"  # "binarynet": Lasagne's BN, then binary_tanh_unit (+-1 activations)
 
 # Options for the paper's own MNIST protocol (§9); the defaults are the lasagne branch's
 optimizer = "adam"  # "adam": Lasagne's Adam (§2.2); "sgd": plain SGD, no momentum (§9)
@@ -50,7 +53,7 @@ def build_model(c):
     # hidden units" halved only the conv layers in the code (§4.4).
     return cnn(widths=(64, 128, 256), fc_units=1024, binary=c["binary"],
                stochastic=c["stochastic"], H=c["H"], W_LR_scale=c["W_LR_scale"],
-               epsilon=c["epsilon"], alpha=c["alpha"])
+               epsilon=c["epsilon"], alpha=c["alpha"], network=c["network"])
 
 
 if __name__ == "__main__":

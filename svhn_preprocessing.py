@@ -5,7 +5,8 @@
 Reads the official format-2 files train_32x32.mat, extra_32x32.mat and test_32x32.mat from data_dir,
 splits train + extra into splitted_train (598,388 images) and valid (6,000) with pylearn2's rule
 (RandomState(322)), shuffles test as pylearn2's make_data did, and writes for each set
-<SVHN_LOCAL_PATH>/<set>_X.npy, float32 (N, 3, 32, 32) after GCN (scale 1) and LeCun LCN, and
+<SVHN_LOCAL_PATH>/<set>_X.npy, float32 (N, 3, 32, 32) after GCN (scale 1) and LeCun LCN (with
+--inputs=binarynet: 2*pixels/255 - 1, BinaryNet's inputs; config/svhn_binarynet.py reads them), and
 <set>_y.npy, float32 one-hot (N, 10) with column = label - 1 (digit 0, label 10, is column 9).
 The sets are streamed in chunks of chunk_size images; each file is written under a temporary name
 and renamed when complete, so an interrupted run never leaves a partial file under a final name.
@@ -24,6 +25,7 @@ from preprocessing import shuffle_order, split_train_valid, svhn_gcn_lcn
 
 data_dir = "data/svhn"  # the official .mat files; missing ones are downloaded here
 SVHN_LOCAL_PATH = os.environ.get("SVHN_LOCAL_PATH", "data/svhn/preprocessed")  # output directory
+inputs = "binaryconnect"  # "binaryconnect": GCN + LCN (§6.3); "binarynet": 2*pixels/255 - 1 (§13.5)
 lcn_channels = "0"  # the original's quirk: LCN on channel 0 only (§6.3); "0,1,2" normalises all
 verify_checksums = True  # check the .mat files' MD5s before use
 chunk_size = 5000  # images per chunk (pylearn2 used batches of 5000)
@@ -99,9 +101,10 @@ def gather_images(sources, src, idx):
     return out
 
 
-def write_set(name, out_dir, sources, labels, src, idx, channels, chunk):
+def write_set(name, out_dir, sources, labels, src, idx, channels, chunk, inputs="binaryconnect"):
     """Writes <out_dir>/<name>_X.npy and <name>_y.npy for the output rows (src, idx) of `sources`
-    (the .mat X arrays) and `labels` (their 1..10 label vectors), `chunk` images at a time."""
+    (the .mat X arrays) and `labels` (their 1..10 label vectors), `chunk` images at a time;
+    inputs="binarynet": the pixels scaled to [-1, 1] instead of GCN + LCN (§13.5)."""
     n = len(idx)
     n_chunks = -(-n // chunk)
     y = np.empty((n, 10), dtype=np.float32)
@@ -114,7 +117,8 @@ def write_set(name, out_dir, sources, labels, src, idx, channels, chunk):
         wy.write(y)
         for k, a in enumerate(range(0, n, chunk)):
             images = gather_images(sources, src[a:a + chunk], idx[a:a + chunk])
-            wx.write(svhn_gcn_lcn(images, channels=channels))
+            wx.write(svhn_gcn_lcn(images, channels=channels) if inputs == "binaryconnect"
+                     else bc_datasets.scale_pixels(images))
             print(f"{name}: chunk {k + 1}/{n_chunks} ({min(a + chunk, n)}/{n} images, "
                   f"{time.time() - t0:.0f} s)", flush=True)
     print(f"{name}: wrote {n} images to {out_dir} in {time.time() - t0:.1f} s", flush=True)
@@ -180,19 +184,21 @@ def main():
     X_extra, y_extra = bc_datasets.read_svhn_mat(files["extra"])
     check_split(files, y_train, y_extra)
     make_output_dir(SVHN_LOCAL_PATH)
-    print(f"SVHN: GCN + LCN on channel(s) {channels}, writing to {SVHN_LOCAL_PATH}", flush=True)
+    print(f"SVHN: GCN + LCN on channel(s) {channels}" if inputs == "binaryconnect" else
+          "SVHN: pixels scaled to [-1, 1] (BinaryNet)", f"writing to {SVHN_LOCAL_PATH}", flush=True)
     train_src, train_idx, valid_src, valid_idx = split_train_valid(
         y_train, y_extra, seed=seed, n_valid_train=n_valid_train, n_valid_extra=n_valid_extra)
     sources, labels = (X_train, X_extra), (y_train, y_extra)
-    write_set("valid", SVHN_LOCAL_PATH, sources, labels, valid_src, valid_idx, channels, chunk_size)
+    write_set("valid", SVHN_LOCAL_PATH, sources, labels, valid_src, valid_idx, channels, chunk_size,
+              inputs)
     write_set("splitted_train", SVHN_LOCAL_PATH, sources, labels, train_src, train_idx, channels,
-              chunk_size)
+              chunk_size, inputs)
     del X_train, X_extra, sources  # free the 1.6 GB of extra before reading test
 
     X_test, y_test = bc_datasets.read_svhn_mat(files["test"])
     order = shuffle_order(len(y_test), seed=seed)
     write_set("test", SVHN_LOCAL_PATH, (X_test,), (y_test,), np.zeros(len(order), np.uint8), order,
-              channels, chunk_size)
+              channels, chunk_size, inputs)
     print(f"SVHN preprocessing done in {time.time() - t_start:.1f} s", flush=True)
 
 

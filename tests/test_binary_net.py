@@ -151,3 +151,40 @@ def test_binarynet_weights_are_deterministic():
         m.eval()
         assert torch.equal(m.binary_weight(), Wb)
         assert int(m.draws) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The inputs of BinaryNet's scripts (§13.5)
+# ---------------------------------------------------------------------------------------------
+
+def test_binarynet_inputs(tmp_path):
+    """MNIST: pylearn2's center=False pixels / 255, then 2x - 1 (not centred); CIFAR-10 and
+    SVHN: 2/255 * pixels - 1 (no GCN, ZCA or LCN); all in [-1, 1], 0 -> -1 and 255 -> +1.
+    Catches: the BinaryConnect preprocessing left on, or pixels / 255 left unscaled."""
+    import runpy
+    import bc_datasets
+    import svhn_preprocessing
+    from fake_data import write_fake_cifar10, write_fake_mnist
+    mnist = runpy.run_path("mnist.py", run_name="defaults")
+    raw = write_fake_mnist(tmp_path / "mnist", n_train=30, n_test=10)
+    (X, _), (X_valid, _), (X_test, _) = mnist["load_data"](dict(
+        data_dir=str(tmp_path / "mnist"), train_set_size=20, verify_checksums=False,
+        inputs="binarynet"))
+    want = 2 * (raw["test_images"].astype(F32) / F32(255)) - 1.
+    np.testing.assert_array_equal(X_test.reshape(-1, 28, 28), want)
+    np.testing.assert_array_equal(X_valid.reshape(-1, 28, 28),
+                                  2 * (raw["train_images"][20:].astype(F32) / F32(255)) - 1.)
+
+    raw = write_fake_cifar10(tmp_path / "cifar10", n_per_batch=4, n_test=4)
+    (X, _), _, (X_test, _) = bc_datasets.load_cifar10(tmp_path / "cifar10", train_set_size=16,
+                                                      verify_checksums=False, gcn_zca=False)
+    np.testing.assert_array_equal(X_test.reshape(4, -1),
+                                  raw["test_data"].astype(F32) * F32(2. / 255.) - F32(1.))
+    assert X.dtype == np.float32 and not (tmp_path / "cifar10" / "cache").exists()
+
+    pixels = np.arange(256, dtype=np.uint8).repeat(12)[:3 * 32 * 32].reshape(32, 32, 3, 1)
+    svhn_preprocessing.write_set("valid", str(tmp_path), (pixels,), (np.array([3]),),
+                                 np.zeros(1, np.uint8), np.zeros(1, int), (0,), 1, "binarynet")
+    got = np.load(tmp_path / "valid_X.npy")
+    np.testing.assert_array_equal(got, bc_datasets.scale_pixels(pixels.transpose(3, 2, 0, 1)))
+    assert got.min() == -1. and got.max() == 1.

@@ -113,6 +113,25 @@ def test_variants_protocols_and_the_papers_numbers(tmp_path):
     assert "| 1.30 ± 0.04 (R) † |" in table and "| 1.18 ± 0.04 (1.18 C, ± R) |" in table
 
 
+def test_binarynet_rows(tmp_path):
+    """BinaryNet's runs (§13): the row "BinaryNet", its protocol that of config/<dataset>_binarynet.py,
+    every difference from it a setting (its weights' and dropout's too), the README's number."""
+    for dataset in ("mnist", "cifar10"):
+        scope = {}
+        exec((ROOT / "config" / f"{dataset}_binarynet.py").read_text(), {}, scope)
+        protocol = configurator.hyperparameters(scope)
+        write_run(tmp_path / dataset, script=dataset, seed=1, **{**protocol, "num_epochs": 1})
+    write_run(tmp_path / "stoch", seed=1, **{**protocol, "num_epochs": 1, "stochastic": True},
+              script="cifar10")
+    rows, notes = csv_rows(tmp_path)
+    got = [(r["dataset"], r["protocol"], r["method"], r["settings"], r["paper"]) for r in rows]
+    assert got == [("mnist", "BinaryNet", "BinaryNet", "num_epochs=1", "0.96 (C)"),
+                   ("cifar10", "BinaryNet", "BinaryNet", "num_epochs=1", "11.40 (C)"),
+                   ("cifar10", "BinaryNet", "BinaryNet", "num_epochs=1, stochastic=True",
+                    "11.40 (C)")]
+    assert "BinaryNet: its Train-time README." in results(tmp_path).stdout
+
+
 def test_runs_from_before_a_hyperparameter_existed_take_its_default(tmp_path):
     write_run(tmp_path / "new", seed=1, num_epochs=1)
     write_run(tmp_path / "old", seed=2, num_epochs=1)

@@ -197,7 +197,7 @@ portable C, AVX2 (popcount by a 16-entry nibble table, Mula's vpshufb method) an
 VPOPCNTDQ (vpopcntq); the AVX ones are compiled with target attributes whatever -march says and
 chosen at run time by bc_xnor_paths() and packed.py. */
 
-#define X_CHUNK 64 /* outputs per work item: one 64-bit word of output bits, no two items share it */
+#define X_CHUNK 64 /* outputs per work item: one word of output bits, no two items share it */
 
 /* d[r * ds + c] = popcount(x_r XOR w_c) for R rows of x and C rows of w, nw words each. */
 typedef void (*counts_fn)(const uint64_t *x, long xs, long rows, const uint64_t *w, long ws,
@@ -272,27 +272,6 @@ XTILE2(4, 2)
 XTILE2(1, 4)
 XTILE2(1, 1)
 
-AVX2_FN static void counts_avx2(const uint64_t *x, long xs, long rows, const uint64_t *w,
-                                long ws, long outs, long nw, int32_t *d, long ds)
-{
-    long r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        long c = 0;
-        for (; c + 2 <= outs; c += 2)
-            xtile2_4_2(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
-        for (; c < outs; c++)
-            for (long k = 0; k < 4; k++)
-                xtile2_1_1(x + (r + k) * xs, xs, w + c * ws, ws, nw, d + (r + k) * ds + c, ds);
-    }
-    for (; r < rows; r++) {
-        long c = 0;
-        for (; c + 4 <= outs; c += 4)
-            xtile2_1_4(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
-        for (; c < outs; c++)
-            xtile2_1_1(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
-    }
-}
-
 /* The 8 lane sums of a0..a7 as 8 int32, by a transposition tree: 21 instructions instead of 8
    reductions of about 7, which at a conv's 18-word rows (3 steps of the 4 x 4 tile) cost more
    than the popcounts. */
@@ -355,27 +334,31 @@ XTILE512(4, 4)
 XTILE512(1, 8)
 XTILE512(1, 1)
 
-AVX512_FN static void counts_avx512(const uint64_t *x, long xs, long rows, const uint64_t *w,
-                                    long ws, long outs, long nw, int32_t *d, long ds)
-{
-    long r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        long c = 0;
-        for (; c + 4 <= outs; c += 4)
-            xtile512_4_4(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
-        for (; c < outs; c++)
-            for (long k = 0; k < 4; k++)
-                xtile512_1_1(x + (r + k) * xs, xs, w + c * ws, ws, nw, d + (r + k) * ds + c,
-                             ds);
+/* rows x outs in an ISA's tiles: 4 x C4 at batch >= 4, 1 x C1 for the rows left, 1 x 1 for the
+   outputs left */
+#define COUNTS(NAME, ATTR, TILE4, C4, TILE1, C1, TILE11)                                      \
+    ATTR static void NAME(const uint64_t *x, long xs, long rows, const uint64_t *w, long ws,  \
+                          long outs, long nw, int32_t *d, long ds)                            \
+    {                                                                                         \
+        long r = 0;                                                                           \
+        for (; r + 4 <= rows; r += 4) {                                                       \
+            long c = 0;                                                                       \
+            for (; c + C4 <= outs; c += C4)                                                   \
+                TILE4(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);                \
+            for (; c < outs; c++)                                                             \
+                for (long k = 0; k < 4; k++)                                                  \
+                    TILE11(x + (r + k) * xs, xs, w + c * ws, ws, nw, d + (r + k) * ds + c, ds); \
+        }                                                                                     \
+        for (; r < rows; r++) {                                                               \
+            long c = 0;                                                                       \
+            for (; c + C1 <= outs; c += C1)                                                   \
+                TILE1(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);                \
+            for (; c < outs; c++)                                                             \
+                TILE11(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);               \
+        }                                                                                     \
     }
-    for (; r < rows; r++) {
-        long c = 0;
-        for (; c + 8 <= outs; c += 8)
-            xtile512_1_8(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
-        for (; c < outs; c++)
-            xtile512_1_1(x + r * xs, xs, w + c * ws, ws, nw, d + r * ds + c, ds);
-    }
-}
+COUNTS(counts_avx2, AVX2_FN, xtile2_4_2, 2, xtile2_1_4, 4, xtile2_1_1)
+COUNTS(counts_avx512, AVX512_FN, xtile512_4_4, 4, xtile512_1_8, 8, xtile512_1_1)
 #endif
 
 /* For the benchmark's floor: popcount(x XOR key) summed over x[0..n) (n a multiple of 32 words),
@@ -403,7 +386,8 @@ AVX2_FN static long popsum_avx2(const uint64_t *x, long n, long reps)
         for (long i = 0; i < n; i += 32)
             for (int k = 0; k < 8; k++)
                 a[k] = _mm256_add_epi64(a[k], popcnt256(_mm256_xor_si256(
-                                                  _mm256_loadu_si256((const __m256i *)(x + i + 4 * k)), key)));
+                                                  _mm256_loadu_si256((const void *)(x + i + 4 * k)),
+                                                  key)));
     }
     long s = 0;
     for (int k = 0; k < 8; k++)

@@ -213,7 +213,7 @@ def pack_bits(neg):
 
 def negative(x):
     """Where binary_tanh_unit(x) is -1: round3(hard_sigmoid(x)) = 0, i.e. (x + 1) / 2 < 0.5 in
-    float32, as binary_net.py computes it (x < 0, but for x within 2**-25 below 0, which gives +1)."""
+    float32, as binary_net.py computes it (x < 0, but x within 2**-25 below 0 gives +1)."""
     return (x + np.float32(1)) / np.float32(2) < np.float32(0.5)
 
 

@@ -25,7 +25,7 @@ LR_fin = 0.000002
 
 # BinaryNet (§13): config/cifar10_binarynet.py sets its experiment
 network = "binaryconnect"  # "binarynet": Lasagne's BN, then binary_tanh_unit (+-1 activations)
-inputs = "binaryconnect"  # "binaryconnect": GCN + ZCA (§6.2); "binarynet": 2*pixels/255 - 1
+inputs = "binaryconnect"  # GCN + ZCA (§6.2); "binarynet": 2*pixels/255 - 1
 
 train_set_size = 45000  # the last 5000 training images are the validation set
 

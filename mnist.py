@@ -35,7 +35,7 @@ LR_fin = 0.000003
 
 # BinaryNet (§13): config/mnist_binarynet.py sets its experiment
 network = "binaryconnect"  # "binarynet": Lasagne's BN, then binary_tanh_unit (+-1 activations)
-inputs = "binaryconnect"  # "binaryconnect": pixels/255 minus the per-pixel mean (§6.1); "binarynet": 2*pixels/255 - 1
+inputs = "binaryconnect"  # pixels/255 minus the per-pixel mean (§6.1); "binarynet": 2*pixels/255 - 1
 
 # The paper's own MNIST protocol (§9) needs these; the defaults are the lasagne branch's
 optimizer = "adam"  # "adam": Lasagne's Adam (§2.2); "sgd": plain SGD, no momentum (§9)
@@ -60,7 +60,8 @@ resume = ""  # a run directory to continue
 def load_data(c):
     from bc_datasets import load_mnist
     sets = load_mnist(c["data_dir"], train_set_size=c["train_set_size"],
-                      verify_checksums=c["verify_checksums"], center=c["inputs"] == "binaryconnect")
+                      verify_checksums=c["verify_checksums"],
+                      center=c["inputs"] == "binaryconnect")
     if c["inputs"] == "binarynet":  # §13.5: pylearn2's center=False pixels in [0, 1], then 2x - 1
         sets = tuple((2 * X - 1., y) for X, y in sets)
     return sets

@@ -30,6 +30,9 @@ def _normalize(n, network, last, epsilon, alpha, bn_form="std"):
     """What follows each binary layer of n units: BinaryConnect's BN with ReLU inside (§3), or
     Lasagne's BN then binary_tanh_unit (BinaryNet, §13.4); after the output layer, BN alone."""
     if network == "binarynet":
+        if bn_form != "std":
+            raise ValueError(f"bn_form={bn_form!r} is an option of BinaryConnect's BN (§3, §9); "
+                             "BinaryNet's is Lasagne's (§13.4)")
         return [LasagneBatchNormLayer(n, epsilon=epsilon, alpha=alpha)] + (
             [] if last else [BinaryTanh()])
     if network != "binaryconnect":

@@ -25,7 +25,7 @@ from preprocessing import shuffle_order, split_train_valid, svhn_gcn_lcn
 
 data_dir = "data/svhn"  # the official .mat files; missing ones are downloaded here
 SVHN_LOCAL_PATH = os.environ.get("SVHN_LOCAL_PATH", "data/svhn/preprocessed")  # output directory
-inputs = "binaryconnect"  # "binaryconnect": GCN + LCN (§6.3); "binarynet": 2*pixels/255 - 1 (§13.5)
+inputs = "binaryconnect"  # GCN + LCN (§6.3); "binarynet": 2*pixels/255 - 1 (§13.5)
 lcn_channels = "0"  # the original's quirk: LCN on channel 0 only (§6.3); "0,1,2" normalises all
 verify_checksums = True  # check the .mat files' MD5s before use
 chunk_size = 5000  # images per chunk (pylearn2 used batches of 5000)

@@ -108,8 +108,8 @@ def tiny(dataset, data):
 
 
 # The CNNs are full size (14M and 6M weights): about half a minute each on 2 CPU cores. BinaryNet's
-# CNN configs are left out for CI's time: test_binarynet_configs_build_binarynet builds their networks,
-# test_binary_net.py checks their inputs, and config/mnist_binarynet.py trains here.
+# CNN configs are left out for CI's time: test_binarynet_configs_build_binarynet builds their
+# networks, test_binary_net.py checks their inputs, and config/mnist_binarynet.py trains here.
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow]
                                                if dataset_of(p) != "mnist" else [])
                                   for p in CONFIGS if p.stem not in ("cifar10_binarynet",

@@ -99,6 +99,21 @@ def test_graph_step_gives_the_compiled_step_and_the_eager_step(kind, stochastic)
             torch.testing.assert_close(graph[k], eager[k], rtol=1e-3, atol=1e-3, msg=k)
 
 
+def test_binarynet_graph_step_gives_the_compiled_step():
+    """BinaryNet's modules (binary_tanh_unit's autograd.Function, Lasagne's BN and its in-place
+    running averages) captured once and replayed across epochs: the compiled step's numbers."""
+    compiled_losses, compiled, mode_c = _run("binarynet_mlp", False, "compiled", steps=9,
+                                             device=GPU)
+    graph_losses, graph, mode_g = _run("binarynet_mlp", False, "graph", steps=9, device=GPU)
+    assert (mode_c, mode_g) == ("compiled", "graph")  # no guard fired
+    torch.testing.assert_close(graph_losses, compiled_losses, rtol=1e-5, atol=1e-6)
+    for k in compiled:
+        if compiled[k].dtype in (torch.int64, torch.float64):
+            assert torch.equal(graph[k], compiled[k]), k
+        else:
+            torch.testing.assert_close(graph[k], compiled[k], rtol=1e-4, atol=1e-3, msg=k)
+
+
 def test_graph_mode_with_dropout_passes_its_first_replay_check():
     """Dropout draws from CUDA's default generator; the check after the capture restores its
     state before comparing the replay with the compiled step."""

@@ -114,7 +114,7 @@ def test_variants_protocols_and_the_papers_numbers(tmp_path):
 
 
 def test_binarynet_rows(tmp_path):
-    """BinaryNet's runs (§13): the row "BinaryNet", its protocol that of config/<dataset>_binarynet.py,
+    """BinaryNet's runs (§13): the row "BinaryNet", its protocol config/<dataset>_binarynet.py's,
     every difference from it a setting (its weights' and dropout's too), the README's number."""
     for dataset in ("mnist", "cifar10"):
         scope = {}

@@ -75,6 +75,11 @@ def load(path):
                          f"versions {', '.join(map(str, READ_VERSIONS))}")
     try:
         lib = packed.kernel()
+        if lib is not None and any(op.get("op") == "xnor" for op in meta["layers"]):
+            packed.xnor_path(lib)  # a BC_XNOR_PATH this CPU cannot run: said here, once
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    try:
         layers = [_unpack(op, arrays, lib is not None) for op in meta["layers"]]
         mean = arrays.get(meta.get("preprocessing", {}).get("mean", ""), None)
     except (KeyError, ValueError, TypeError) as e:

@@ -98,12 +98,18 @@ def test_counts_and_thresholds_every_path(path, monkeypatch):
             np.testing.assert_array_equal(got, packed.pack_bits(~pos))
 
 
-def test_forcing_a_path_this_cpu_lacks_is_refused(monkeypatch):
+def test_forcing_a_path_this_cpu_lacks_is_refused(monkeypatch, tmp_path):
+    """The kernel refuses it, and infer.load says so as a ModelError (one line from infer.py)."""
     if LIB is None:
         pytest.skip("no C compiler for packed.c")
+    np.random.seed(0)
+    path = tmp_path / "tiny.npz"
+    exported(models.binarynet_mlp(num_units=8, n_hidden_layers=2), (1, 28, 28), path)
     monkeypatch.setenv("BC_XNOR_PATH", "avx1024")
     with pytest.raises(ValueError, match="BC_XNOR_PATH=avx1024: this CPU runs portable"):
         packed.xnor_path(LIB)
+    with pytest.raises(infer.ModelError, match="BC_XNOR_PATH=avx1024"):
+        infer.load(path)
 
 
 def test_sign_is_binary_tanh_unit_at_the_edges():

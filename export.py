@@ -24,6 +24,7 @@ which infer.py does by default when it reads the test files. CIFAR-10 and SVHN i
 preprocessed sets (GCN + ZCA, GCN + LCN): infer.py reads them as the training scripts do.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -54,19 +55,71 @@ def _nonlinearity(fn, where):
     raise UserError(f"{where}: nonlinearity {fn!r} has no 1-bit export (relu or identity only)")
 
 
+def thresholds(layer, bn, act):
+    """BinaryNet's sign(BN(H*s + b)) as one integer threshold per unit on s, the +-1 dot product
+    of a binary layer on binary inputs: (T, direction), the unit +1 iff s >= T (direction +1) or
+    s <= T (direction -1). Found by running the float model's own modules (the bias, the batch
+    norm, binary_tanh_unit) in eval mode on every integer s in [-n, n]: whatever gamma's sign
+    (gamma < 0 flips the comparison, gamma = 0 makes the unit a constant), and the float32 ties
+    fall where the float model puts them. Exact when H*s is (H = 1, BinaryNet's)."""
+    n = int(np.prod(layer.weight.shape[1:]))
+    units = layer.weight.shape[0]
+    spatial = (1,) * (layer.weight.dim() - 2)
+    b = torch.zeros(units) if layer.bias is None else layer.bias.detach().float().cpu()
+    bn, s = copy.deepcopy(bn).cpu().float().eval(), torch.arange(-n, n + 1, dtype=torch.float32)
+    with torch.no_grad():
+        pos = torch.cat([act(bn((c[:, None] * layer.H + b).reshape(len(c), units, *spatial)))
+                         .reshape(len(c), units) > 0 for c in s.split(max(1, (1 << 22) // units))])
+    pos = pos.numpy()
+    step = np.diff(pos.astype(np.int8), axis=0)
+    up, down = (step >= 0).all(0), (step <= 0).all(0)
+    if not (up | down).all():
+        raise UserError(f"{type(bn).__name__} of {units} units: sign(BN(x)) is not monotone in x "
+                        f"for unit {int(np.argmin(up | down))} (a NaN parameter?)")
+    T = np.where(up, np.where(pos.any(0), pos.argmax(0) - n, n + 1), n - pos[::-1].argmax(0))
+    return T.astype(np.int32), np.where(up, 1, -1).astype(np.int8)
+
+
 def export_arrays(model, input_shape, meta=None):
-    """The npz content of `model` (an nn.Module of binary layers, batch norms, max-pools and
-    dropouts in sequence): {name: array}, "model.json" holding the architecture and `meta`."""
-    from batch_norm import BatchNormLayer
+    """The npz content of `model` (an nn.Module of binary layers, batch norms, max-pools, dropouts
+    and binary_tanh_units in sequence): {name: array}, "model.json" holding the architecture and
+    `meta`. A BinaryNet layer whose input is binary becomes an "xnor" layer: its max-pool, batch
+    norm and binary_tanh_unit folded into integer thresholds (thresholds()), or, for the last
+    layer, its batch norm an affine giving the scores."""
     from binary_connect import BinaryLayerMixin, Conv2DLayer, DenseLayer, binarization
+    from binary_net import BinaryTanh
     model = model.eval()
     arrays, layers = {}, []
     pending = None  # the last binary layer whose bias has not yet been folded into a BN
     ndim = 1 + len(input_shape)
+    shape = tuple(input_shape)  # of the activations, for an xnor dense layer's input order
+    binary_in = False  # the activations are +-1 (after a binary_tanh_unit)
+    xnor = None  # [op, layer, its batch norm]: an xnor layer waiting for its activation
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+
+    def flush_xnor():  # an xnor layer with no binary_tanh_unit after it: the output layer
+        nonlocal xnor, pending
+        if xnor is not None and xnor[2] is not None:
+            a, shift = (t.double().cpu().numpy() for t in xnor[2].scale_shift())
+            if xnor[1].bias is not None:
+                shift = shift + a * xnor[1].bias.double().cpu().numpy()
+            key = f"layer{len(layers)}"
+            arrays[f"{key}.scale"] = a.astype(np.float32)
+            arrays[f"{key}.shift"] = shift.astype(np.float32)
+            layers.append(dict(op="affine", scale=f"{key}.scale", shift=f"{key}.shift",
+                               nonlinearity="identity"))
+            pending = None
+        elif xnor is not None:
+            raise UserError(f"{xnor[0]['kind']} layer {len(layers) - 1}: a binary layer on binary "
+                            "inputs needs a batch norm after it to export")
+        xnor = None
+
     with torch.no_grad():
         for name, m in leaves:
             where = f"layer {name} ({type(m).__name__})"
+            if xnor is not None and not isinstance(m, (BinaryTanh, nn.Dropout, nn.MaxPool2d)) \
+                    and not hasattr(m, "scale_shift"):
+                flush_xnor()
             if isinstance(m, BinaryLayerMixin):
                 if not m.binary:
                     raise UserError(f"{where} is not binary (binary=False): nothing to pack")
@@ -92,9 +145,34 @@ def export_arrays(model, input_shape, meta=None):
                                     stochastic=False) > 0
                 arrays[f"{key}.signs"] = np.packbits(bits.cpu().numpy().ravel())
                 op.update(H=float(m.H), signs=f"{key}.signs")
+                if binary_in:  # BinaryNet: +-1 inputs, XNOR + popcount
+                    op.update(op="xnor", kind=op["op"], in_shape=list(shape))
+                    xnor = [op, m, None]
                 layers.append(op)
                 pending = (op, key, None if m.bias is None else m.bias.float().cpu().numpy())
-            elif isinstance(m, BatchNormLayer):
+                if op["op"] == "conv" or op.get("kind") == "conv":
+                    k, p = m.weight.shape[2:], m.padding
+                    shape = (m.weight.shape[0],) + tuple(
+                        shape[1 + i] + 2 * p[i] - k[i] + 1 for i in range(2))
+                else:
+                    shape = (m.weight.shape[0],)
+                binary_in = False
+            elif isinstance(m, BinaryTanh):
+                if xnor is not None and xnor[2] is not None:
+                    op, layer = xnor[0], xnor[1]
+                    key = op["signs"].split(".")[0]
+                    T, direction = thresholds(layer, xnor[2], m)
+                    arrays[f"{key}.threshold"], arrays[f"{key}.direction"] = T, direction
+                    op.update(threshold=f"{key}.threshold", direction=f"{key}.direction")
+                    xnor, pending = None, None
+                elif xnor is None and layers and layers[-1]["op"] == "affine":
+                    layers.append(dict(op="sign"))
+                else:
+                    raise UserError(f"{where}: a binary_tanh_unit exports only after a batch norm")
+                binary_in = True
+            elif xnor is not None and hasattr(m, "scale_shift"):
+                xnor[2] = m  # its batch norm: a threshold or the scores, as what follows says
+            elif hasattr(m, "scale_shift"):  # batch_norm.BatchNormLayer, LasagneBatchNormLayer
                 a, shift = m.scale_shift()
                 a, shift = a.double().cpu().numpy(), shift.double().cpu().numpy()
                 if pending is not None and pending[2] is not None:
@@ -104,17 +182,28 @@ def export_arrays(model, input_shape, meta=None):
                 arrays[f"{key}.scale"] = a.astype(np.float32)
                 arrays[f"{key}.shift"] = shift.astype(np.float32)
                 layers.append(dict(op="affine", scale=f"{key}.scale", shift=f"{key}.shift",
-                                   nonlinearity=_nonlinearity(m.nonlinearity, where)))
+                                   nonlinearity=_nonlinearity(getattr(m, "nonlinearity", None),
+                                                              where)))
             elif isinstance(m, nn.MaxPool2d):
                 k, s = m.kernel_size, m.stride
                 if (k not in (2, (2, 2)) or s not in (2, (2, 2)) or m.padding not in (0, (0, 0))
                         or m.dilation not in (1, (1, 1)) or m.ceil_mode):
                     raise UserError(f"{where}: only 2x2 max-pools of stride 2 can be exported")
+                shape = (shape[0], shape[1] // 2, shape[2] // 2)
+                if xnor is not None and xnor[2] is None:  # before the BN: folded into the bits
+                    xnor[0]["pool"] = True
+                    continue
+                if binary_in or xnor is not None:
+                    raise UserError(f"{where}: a max-pool of binary activations, or after a "
+                                    "batch norm, has no 1-bit export")
                 layers.append(dict(op="maxpool", size=[2, 2], stride=[2, 2]))
             elif isinstance(m, nn.Dropout):
                 continue  # the identity at test time
             else:
                 raise UserError(f"{where}: no 1-bit export for this kind of layer")
+        flush_xnor()
+    if any(op.get("pool") and "threshold" not in op for op in layers):
+        raise UserError("a max-pool after the output layer has no 1-bit export")
     _attach_bias(pending, arrays)
     if not any(op["op"] in ("dense", "conv") for op in layers):
         raise UserError("the network has no binary layer to export")
@@ -147,6 +236,11 @@ def mnist_pixel_mean(data_dir):
 
 def preprocessing(script, hp, data_dir=None):
     """(json description, {name: array}) of the inputs the network expects."""
+    if hp.get("inputs") == "binarynet":  # BinaryNet's scripts (§13.5): no centring, GCN or ZCA
+        return (dict(kind=f"{script}_binarynet",
+                     note="x = 2 * (uint8 pixels / 255) - 1 in float32 (MNIST), 2/255 * pixels - 1 "
+                          "(CIFAR-10, SVHN): in [-1, 1], as BinaryNet's scripts read them; "
+                          "(N, C, H, W) float32"), {})
     if script == "mnist":
         mean = mnist_pixel_mean(data_dir or hp["data_dir"])
         return (dict(kind="mnist", scale=1. / 255, mean="input_mean",
@@ -203,7 +297,9 @@ def export(path, out, checkpoint=None, data_dir=None, script=None, log=print):
         data["data_dir" if script != "svhn" else "SVHN_LOCAL_PATH"] = os.path.abspath(data_dir)
     meta = dict(dataset=script, variant=variant(hp), preprocessing=pre, data=data,
                 weights=STOCHASTIC_NOTE if stochastic else
-                "deterministic BC: the sign of W (W >= 0 -> +H), as the network evaluates",
+                "deterministic BC: the sign of W (W >= 0 -> +H), as the network evaluates"
+                + ("; BinaryNet: activations binary_tanh_unit(x), the hidden layers XNOR + "
+                   "popcount with integer thresholds" if hp.get("network") == "binarynet" else ""),
                 source=dict(checkpoint=str(ckpt_path), epoch=ckpt.get("epoch"),
                             hparams={k: v for k, v in hp.items()
                                      if isinstance(v, (int, float, str, bool))}))

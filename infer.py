@@ -32,7 +32,8 @@ from errors import UserError, print_error
 from report import mean32, report_lines
 
 FORMAT = "binaryconnect-1bit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added BinaryNet's "sign" and "xnor" layers; version 1 files read as before
+READ_VERSIONS = (1, 2)
 
 
 class ModelError(UserError):
@@ -70,11 +71,16 @@ def load(path):
                          f"({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelError(f"{path}: not a {FORMAT} model written by export.py")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READ_VERSIONS:
         raise ModelError(f"{path}: format version {meta.get('version')}; this infer.py reads "
-                         f"version {FORMAT_VERSION}")
+                         f"versions {', '.join(map(str, READ_VERSIONS))}")
     try:
         lib = packed.kernel()
+        if lib is not None and any(op.get("op") == "xnor" for op in meta["layers"]):
+            packed.xnor_path(lib)  # a BC_XNOR_PATH this CPU cannot run: said here, once
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    try:
         layers = [_unpack(op, arrays, lib is not None) for op in meta["layers"]]
         mean = arrays.get(meta.get("preprocessing", {}).get("mean", ""), None)
     except (KeyError, ValueError, TypeError) as e:
@@ -91,6 +97,11 @@ def float_model(model):
         if "bits" in op:
             op["W"] = packed.unpack(op)
             del op["bits"]
+        elif op["op"] == "xnor" and "xbits" in op:
+            del op["xbits"]
+            op["W"] = _xnor_float(op)
+        elif op["op"] == "sign":
+            op["packed"] = False
     return Model(model.meta, layers, model.input_mean, model.path)
 
 
@@ -115,9 +126,48 @@ def _unpack(op, arrays, keep_packed):
     elif op["op"] == "affine":
         op["a"] = arrays[op["scale"]].astype(np.float32)
         op["c"] = arrays[op["shift"]].astype(np.float32)
+    elif op["op"] == "xnor":  # BinaryNet: +-1 inputs, and a threshold unless it is the last layer
+        n = int(np.prod(op["shape"]))
+        signs = arrays[op["signs"]]
+        if signs.dtype != np.uint8 or signs.ndim != 1 or signs.size * 8 < n:
+            raise ValueError(f"{op['signs']} holds fewer than {n} bits")
+        op["H"] = float(op["H"])
+        if op.get("threshold"):
+            op["T"] = arrays[op["threshold"]].astype(np.int64)
+            op["direction"] = arrays[op["direction"]].astype(np.int8)
+        op["signs_bits"] = signs
+        if keep_packed:
+            op["xbits"] = packed.pack_xnor(op, signs)
+            return op
+        op["W"] = _xnor_float(op)
+    elif op["op"] == "sign":
+        op["packed"] = keep_packed
     elif op["op"] not in ("flatten", "maxpool"):
         raise ValueError(f"unknown layer {op['op']!r}")
     return op
+
+
+def _xnor_float(op):
+    """An xnor layer's +-1 matrix (out, in) for the numpy path, in torch's order."""
+    W = np.unpackbits(op["signs_bits"], count=int(np.prod(op["shape"]))).astype(np.float32)
+    return (2 * W - 1).reshape(op["shape"][0], -1)
+
+
+def _xnor_numpy(x, op):
+    """The numpy path of an xnor layer: s, the +-1 dot product, in float32 (exact: integers below
+    2^24), then op's threshold (+-1 out, max-pooled) or, for the last layer, H * s."""
+    s = _conv(x, op) if op["kind"] == "conv" else x @ op["W"].T
+    if "T" not in op:
+        return s * np.float32(op["H"])
+    shape = (1, -1) + (1,) * (s.ndim - 2)
+    up = (op["direction"] > 0).reshape(shape)
+    T = op["T"].reshape(shape)
+    y = np.where(np.where(up, s >= T, s <= T), np.float32(1), np.float32(-1))
+    if op.get("pool"):  # max of the pre-activations: OR of the +1s where up, AND where down
+        N, C, H, W = y.shape
+        q = y[:, :, :H // 2 * 2, :W // 2 * 2].reshape(N, C, H // 2, 2, W // 2, 2)
+        y = np.where(up, q.max((3, 5)), q.min((3, 5)))
+    return y
 
 
 def _conv(x, op):
@@ -160,6 +210,14 @@ def predict(model, X):
             x = _conv(x, op) * np.float32(op["H"])
             if "b" in op:
                 x = x + op["b"][:, None, None]
+        elif kind == "sign":  # binary_tanh_unit's forward: sign, sign(0) = +1 (BinaryNet)
+            x = packed.sign_bits(x) if op["packed"] else np.where(packed.negative(x),
+                                                                  np.float32(-1), np.float32(1))
+        elif kind == "xnor" and "xbits" in op:
+            x = (packed.xnor_conv if op["kind"] == "conv" else packed.xnor_dense)(
+                packed.kernel(), x, op)
+        elif kind == "xnor":
+            x = _xnor_numpy(x, op)
         elif kind == "maxpool":
             N, C, H, W = x.shape
             x = x[:, :, :H // 2 * 2, :W // 2 * 2].reshape(N, C, H // 2, 2, W // 2, 2).max((3, 5))
@@ -183,14 +241,16 @@ def _chunk(model, budget=64 << 20):
     C, H, W = model.input_shape
     largest = C * H * W
     for op in model.layers:
-        if op["op"] == "conv":
+        if op["op"] == "conv" or op.get("kind") == "conv":
             C_out, C_in, kh, kw = op["shape"]
             H, W = H + 2 * op["padding"][0] - kh + 1, W + 2 * op["padding"][1] - kw + 1
             largest = max(largest, H * W * C_in * kh * kw)
             C = C_out
+            if op.get("pool"):
+                H, W = H // 2, W // 2
         elif op["op"] == "maxpool":
             H, W = H // 2, W // 2
-        elif op["op"] == "dense":
+        elif op["op"] == "dense" or op.get("kind") == "dense":
             largest = max(largest, op["shape"][1])
     return max(1, min(1000, budget // (4 * largest)))
 
@@ -198,6 +258,9 @@ def _chunk(model, budget=64 << 20):
 def preprocess(model, images):
     """Raw MNIST images (N, 28, 28) uint8 -> the model's inputs, centred with the stored training
     mean. CIFAR-10 and SVHN inputs are the preprocessed sets themselves."""
+    if model.meta.get("preprocessing", {}).get("kind") == "mnist_binarynet":
+        from bc_datasets import mnist_pixels  # BinaryNet's mnist.py: 2x - 1, not centred
+        return (2 * mnist_pixels(images) - 1.).reshape((len(images),) + model.input_shape)
     if model.input_mean is None:
         raise ValueError(f"{model.path}: this model stores no pixel mean (its inputs are the "
                          f"preprocessed {model.meta.get('dataset')} sets)")
@@ -210,6 +273,7 @@ def load_test_set(model, data_dir=None, center="own"):
     """(X preprocessed float32, labels int) of the model's dataset's test set."""
     from dataset_files import DatasetError  # numpy and scipy only, like this file
     dataset, data = model.meta.get("dataset"), model.meta.get("data", {})
+    binarynet = model.meta.get("preprocessing", {}).get("kind", "").endswith("_binarynet")
     try:
         if dataset == "mnist":
             from bc_datasets import mnist_split, read_idx
@@ -217,6 +281,9 @@ def load_test_set(model, data_dir=None, center="own"):
             d = Path(data_dir or data.get("data_dir", "data/mnist"))
             names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
             paths = mnist_files(d, names, verify_checksums=False, download=False)
+            if binarynet:  # as BinaryNet's mnist.py read them: pixels / 255, then 2x - 1
+                X, y = mnist_split(*(paths[n] for n in names), center=False)
+                return 2 * X - 1., y.argmax(1)
             X, y = mnist_split(*(paths[n] for n in names))  # centred with its own mean (§6.1)
             if center == "train":
                 X = preprocess(model, read_idx(paths[names[0]]))
@@ -226,7 +293,8 @@ def load_test_set(model, data_dir=None, center="own"):
             d = data_dir or data.get("data_dir", "data/cifar10")
             _, _, (X, y) = load_cifar10(d, train_set_size=data.get("train_set_size", 45000),
                                         verify_checksums=data.get("verify_checksums", True),
-                                        download=False)
+                                        download=False,
+                                        **(dict(gcn_zca=False) if binarynet else {}))
             return X, y.argmax(1)
         if dataset == "svhn":
             from bc_datasets import load_svhn
@@ -284,7 +352,8 @@ def main(argv=None):
             raise ModelError(f"the test set has {len(labels)} examples, fewer than "
                              f"batch_size={batch_size}; use --all")
         print(f"{model.path}: {model.meta.get('dataset')}, {model.meta.get('variant')}, "
-              f"1-bit weights; {n} of {len(labels)} test images"
+              + ("1-bit weights and activations" if any(op["op"] == "xnor" for op in model.layers)
+                 else "1-bit weights") + f"; {n} of {len(labels)} test images"
               + ("" if args.all else f" (full batches of {batch_size}, as the report counts)"))
         print("\n".join(report_lines(dict(test_loss=loss, test_err=err))))
     except UserError as e:

@@ -10,6 +10,8 @@ Environment:
   BC_CACHE_DIR            where the compiled library goes (default: $XDG_CACHE_HOME/binaryconnect,
                           else ~/.cache/binaryconnect)
   BC_INFER_THREADS        threads per product (default: the CPUs this process may use)
+  BC_XNOR_PATH            portable, avx2 or avx512: the XNOR-popcount path of BinaryNet layers
+                          (default: the fastest this CPU runs; one it cannot run is an error)
   CC                      the compiler (default: cc, else gcc)
 """
 import ctypes
@@ -104,6 +106,12 @@ def kernel():
         lib.bc_sum.argtypes = [P, L, L, ctypes.c_int]
         lib.bc_sum.restype = ctypes.c_double
         lib.bc_avx2.restype = ctypes.c_int
+        lib.bc_xnor.argtypes = [P, L, L, P, L, L, L, P, L, P, P, P, L, P, ctypes.c_int,
+                                ctypes.c_int]
+        lib.bc_xnor.restype = None
+        lib.bc_xnor_paths.restype = ctypes.c_int
+        lib.bc_popsum.argtypes = [P, L, L, ctypes.c_int, ctypes.c_int]
+        lib.bc_popsum.restype = L
         _lib = lib
     return _lib or None
 
@@ -167,3 +175,151 @@ def conv(lib, x, op):
         cols = np.pad(cols, ((0, 0), (0, 8 * op["n_groups"] - k)))
     y = dense(lib, cols, op)
     return np.ascontiguousarray(y.reshape(N, Ho, Wo, C_out).transpose(0, 3, 1, 2))
+
+
+# ---- BinaryNet: hidden layers in bits (packed.c's bc_xnor; docs/inference.md, "XNOR path") ----
+# Activations travel as rows of uint64 words of sign bits, a set bit meaning -1, input 64k + j at
+# bit j of word k (so that a comparison's mask is a word as it stands), zero bits past the last
+# input: a convolution's as (N, H, W, words per position), a dense layer's as (N, words); the
+# weights are packed by the same function.
+
+XNOR_PATHS = ("portable", "avx2", "avx512")
+
+
+def xnor_paths(lib):
+    """The names of the XNOR paths this CPU runs."""
+    have = lib.bc_xnor_paths()
+    return [name for i, name in enumerate(XNOR_PATHS) if have >> i & 1]
+
+
+def xnor_path(lib):
+    """BC_XNOR_PATH's path (refused, naming the others, if this CPU lacks it), else the fastest."""
+    have = xnor_paths(lib)
+    want = os.environ.get("BC_XNOR_PATH", "").lower()
+    if want and want not in have:
+        raise ValueError(f"BC_XNOR_PATH={want}: this CPU runs {', '.join(have)}"
+                         + ("" if want in XNOR_PATHS else f" (of {', '.join(XNOR_PATHS)})"))
+    return XNOR_PATHS.index(want or have[-1])
+
+
+def pack_bits(neg):
+    """bool (..., n), True for -1 -> uint64 (..., ceil(n / 64)), bit j of word k for 64k + j."""
+    b = np.packbits(neg, axis=-1, bitorder="little")
+    pad = -b.shape[-1] % 8
+    if pad:
+        b = np.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, pad)])
+    return np.ascontiguousarray(b).view(np.uint64)
+
+
+def negative(x):
+    """Where binary_tanh_unit(x) is -1: round3(hard_sigmoid(x)) = 0, i.e. (x + 1) / 2 < 0.5 in
+    float32, as binary_net.py computes it (x < 0, but x within 2**-25 below 0 gives +1)."""
+    return (x + np.float32(1)) / np.float32(2) < np.float32(0.5)
+
+
+def sign_bits(x):
+    """float32 (N, C, H, W) or (N, n) -> the bits of binary_tanh_unit(x)."""
+    neg = negative(x)
+    return pack_bits(neg.transpose(0, 2, 3, 1) if x.ndim == 4 else neg)
+
+
+def pack_xnor(op, signs):
+    """op's weights (export.py's bits, 1 = +H) as rows of words laid out as its input's bits: a
+    conv's (C_out, kh * kw * words per C_in), a dense layer's after a conv in (H, W, C) order."""
+    shape, n = op["shape"], int(np.prod(op["shape"]))
+    neg = np.unpackbits(signs, count=n).reshape(shape) == 0
+    if op["kind"] == "conv":
+        rows = pack_bits(neg.transpose(0, 2, 3, 1))  # (C_out, kh, kw, words)
+    elif len(op["in_shape"]) == 3:
+        rows = pack_bits(neg.reshape(shape[0], *op["in_shape"]).transpose(0, 2, 3, 1))
+    else:
+        rows = pack_bits(neg)
+    return np.ascontiguousarray(rows.reshape(shape[0], -1))
+
+
+def thresholds(op, corr):
+    """(thr (configs, n_out padded to 64k) int32, flip bits (k,) uint64) of bc_xnor from op's T and
+    direction: the unit is +1 iff s >= T (direction +1) or s <= T (-1), s the +-1 dot product.
+    The kernel's d = popcount(x XOR w) over all n = kh*kw*C_in positions gives s = n - 2d - corr,
+    corr the weights' sum over the taps that fall into the zero padding (0 for dense)."""
+    n = int(np.prod(op["shape"][1:]))
+    T, up = op["T"].astype(np.int64), op["direction"] > 0
+    m = n - corr.astype(np.int64) - T  # +1 iff d <= m / 2 (up), d >= m / 2 (down)
+    thr = np.where(up, np.floor_divide(m, 2), -np.floor_divide(-m, 2) - 1)
+    thr = np.pad(thr, ((0, 0), (0, -thr.shape[1] % 64)))
+    return np.ascontiguousarray(thr, np.int32), pack_bits(~up)
+
+
+def _border_classes(op, H, W):
+    """For a conv on H x W: (each output position's class (Ho*Wo,) int32, the classes' pad masks
+    (classes, kh, kw)): positions whose window overlaps the zero padding alike share a class."""
+    kh, kw = op["shape"][2:]
+    ph, pw = op["padding"]
+    inside = np.pad(np.ones((H, W), bool), ((ph, ph), (pw, pw)))
+    win = np.lib.stride_tricks.sliding_window_view(inside, (kh, kw))
+    masks, cls = np.unique(~win.reshape(-1, kh * kw), axis=0, return_inverse=True)
+    return cls.reshape(-1).astype(np.int32), masks.reshape(-1, kh, kw)
+
+
+def _conv_tables(op, H, W):
+    key = ("tables", H, W)
+    if key not in op:
+        cls, masks = _border_classes(op, H, W)
+        C_out, C_in, kh, kw = op["shape"]
+        neg = np.unpackbits(op["signs_bits"], count=int(np.prod(op["shape"]))).reshape(
+            op["shape"]) == 0
+        tap_sums = (C_in - 2 * neg.sum(1, dtype=np.int64))  # (C_out, kh, kw): sum_c of w = +-1
+        corr = np.einsum("okl,gkl->go", tap_sums, masks.astype(np.int64))
+        op[key] = (cls,) + thresholds(op, corr)
+    return op[key]
+
+
+def _run_xnor(lib, cols, op, row_cls=None, thr=None, flip=None):
+    rows, nw = cols.shape
+    n_out = op["shape"][0]
+    w = op["xbits"]
+    if thr is None:  # the last layer: the counts
+        counts = np.empty((rows, n_out), np.int32)
+        lib.bc_xnor(cols.ctypes.data, rows, nw, w.ctypes.data, n_out, w.shape[1], nw, None, 0,
+                    None, None, None, 0, counts.ctypes.data, threads(), xnor_path(lib))
+        return counts
+    out = np.empty((rows, len(flip)), np.uint64)
+    lib.bc_xnor(cols.ctypes.data, rows, nw, w.ctypes.data, n_out, w.shape[1], nw,
+                thr.ctypes.data, thr.shape[1], flip.ctypes.data,
+                None if row_cls is None else row_cls.ctypes.data, out.ctypes.data, len(flip), None,
+                threads(), xnor_path(lib))
+    return out
+
+
+def xnor_dense(lib, x, op):
+    """x (N, words) bits -> the next layer's bits (N, words'), or, for the last layer (no
+    threshold), H * s as float32 (N, n_out)."""
+    x = np.ascontiguousarray(x)
+    if "T" not in op:
+        n = op["shape"][1]
+        return (n - 2 * _run_xnor(lib, x, op)).astype(np.float32) * np.float32(op["H"])
+    if "tables" not in op:
+        op["tables"] = thresholds(op, np.zeros((1, op["shape"][0]), np.int64))
+    return _run_xnor(lib, x, op, None, *op["tables"])
+
+
+def xnor_conv(lib, x, op):
+    """x (N, H, W, words) bits -> (N, Ho, Wo, words') bits, max-pooled 2x2 when op["pool"]: a
+    unit whose batch norm increases with s is +1 where any of the 4 is (max commutes with it),
+    one whose batch norm decreases (gamma < 0) where all 4 are."""
+    N, H, W, cw = x.shape
+    C_out, _, kh, kw = op["shape"]
+    ph, pw = op["padding"]
+    # padding words are zero bits, +1 inputs: the border classes' thresholds take them back out
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))
+    Ho, Wo = win.shape[1:3]
+    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kh * kw * cw)
+    cls, thr, flip = _conv_tables(op, H, W)
+    y = _run_xnor(lib, cols, op, np.tile(cls, N), thr, flip).reshape(N, Ho, Wo, -1)
+    if op.get("pool"):
+        q = y[:, :Ho // 2 * 2, :Wo // 2 * 2]
+        a, b, c, d = q[:, ::2, ::2], q[:, ::2, 1::2], q[:, 1::2, ::2], q[:, 1::2, 1::2]
+        up = op.setdefault("up_words", pack_bits(op["direction"] > 0))
+        y = ((a & b & c & d) & up) | ((a | b | c | d) & ~up)  # bits are -1: AND of -1 = OR of +1
+    return np.ascontiguousarray(y)

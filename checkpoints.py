@@ -1,7 +1,9 @@
 """Checkpoints: last.pt (everything a resume needs) and best.pt (the best-validation model), the
-only code that writes or reads them. Each epoch's checkpoint is taken to host memory at once and
-written by a background thread; every write is atomic, best.pt first, then last.pt, then
-metrics.jsonl, so metrics.jsonl never holds an epoch that a resume would repeat.
+only code that writes or reads them. A checkpoint (every `checkpoint_every` epochs, the last epoch
+and a signal's moment) is taken to host memory at once and written by a background thread; every
+write is atomic, best.pt first, then last.pt, then metrics.jsonl, so metrics.jsonl never holds an
+epoch that a resume would repeat. Between checkpoints, an improving epoch's model waits in host
+memory (take_best) for the next checkpoint to write it as best.pt.
 """
 import dataclasses
 import sys
@@ -76,7 +78,7 @@ class CheckpointWriter:
         self.thread = None
         self.error = None
 
-    def save(self, checkpoint, best):
+    def save(self, checkpoint, best=None):
         self.wait()
         self.thread = threading.Thread(target=self._write, args=(checkpoint, best))
         self.thread.start()
@@ -123,13 +125,22 @@ def take_checkpoint(run, model, optimizer, progress):
                          hparams=run.config, **vars(progress)))
 
 
-def write_checkpoint(run, checkpoint, best=False):
+def take_best(model, epoch):
+    """The best-validation model of an epoch with no checkpoint of its own (checkpoint_every >
+    1), in host memory until the next checkpoint writes it as best.pt."""
+    return dict(model=to_host(model.state_dict()), epoch=epoch)
+
+
+def write_checkpoint(run, checkpoint, best=None):
+    """best: None, True (best.pt is this checkpoint's model) or a take_best of an earlier epoch
+    since the previous checkpoint."""
     try:
         # best.pt first: if it fails, last.pt still holds the previous epoch, which a resume
         # then redoes, best.pt included.
         if best:
-            atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=checkpoint["model"],
-                                   epoch=checkpoint["epoch"], hparams=run.config),
+            best = checkpoint if best is True else best
+            atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=best["model"],
+                                   epoch=best["epoch"], hparams=run.config),
                               run.path("best.pt"))
         atomic_torch_save(checkpoint, run.path("last.pt"))
         log_metrics(run, checkpoint["history"])
@@ -139,7 +150,7 @@ def write_checkpoint(run, checkpoint, best=False):
                          f"then resume with: python {run.script}.py --resume={run.out_dir}")
 
 
-def save_checkpoint(run, model, optimizer, progress, best=False):
+def save_checkpoint(run, model, optimizer, progress, best=None):
     """The checkpoint of this moment, written before returning."""
     write_checkpoint(run, take_checkpoint(run, model, optimizer, progress), best)
 

@@ -135,7 +135,7 @@ _POSITIVE_INT = (_ints(1), "must be a positive int (>= 1)")
 _POSITIVE = (_floats(lambda x: x > 0), "must be a number > 0")
 CHECKS = {
     **dict.fromkeys(["batch_size", "num_units", "num_epochs", "monitor_step", "chunk_size",
-                     "train_set_size", "n_valid_train"], _POSITIVE_INT),
+                     "train_set_size", "n_valid_train", "checkpoint_every"], _POSITIVE_INT),
     **dict.fromkeys(["n_hidden_layers", "n_valid_extra"], (_ints(0), "must be an int >= 0")),
     "seed": (_ints(0, 2**32), "must be an int from 0 to 2**32 - 1 (numpy's limit)"),
     "alpha": (_floats(lambda x: 0 < x <= 1), "must be in (0, 1]"),

@@ -49,7 +49,7 @@ PAPER = {
 # compile runs the same float32 math (at most in another rounding order). precision does change
 # the arithmetic (bf16 products), so it stays in the row's key.
 NOT_IN_ROW = {"seed", "out_dir", "resume", "data_dir", "SVHN_LOCAL_PATH", "device", "compile",
-              "verify_checksums"}
+              "verify_checksums", "checkpoint_every"}
 # These name the row (its variant); the others that differ from the protocol are listed beside it.
 VARIANT_KEYS = {"binary", "stochastic", "dropout_in", "dropout_hidden"}
 # The paper's MNIST protocol is these settings of config/mnist_paper_stoch_bc.py.

@@ -101,6 +101,7 @@ def test_unpack_puts_the_runs_and_the_summary_under_results(tmp_path):
         "hparams.json", "lease.json", "metrics.jsonl"]
 
 
+@pytest.mark.slow  # a preflight: torch imported and a tiny compile, about 30 s on 2 cores
 def test_a_missing_piece_is_named_and_what_needs_it_skipped(tmp_path):
     """No data where the plan looks: the preflight FAILs naming it; the queue is skipped."""
     p = plan(tmp_path, "--parts=queue")

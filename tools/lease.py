@@ -68,6 +68,7 @@ SMOKE_BENCH = {"bench-mnist": ["--nets=mnist", "--steps=2", "--repeats=1", "--pr
                                "--device=cpu", "--set", "num_units=64", "--set",
                                "n_hidden_layers=1"]}
 RESULTS = ROOT / "results"  # the earlier leases' runs (tools/lease.py unpack puts them there)
+SMOKE_DEADLINE, SMOKE_SECONDS = 300, 1800  # the rehearsal's (a loaded 2-core CPU)
 SCRATCH = Path(os.environ.get("LEASE_SCRATCH", "/tmp/lease"))  # the same path in every lease
 
 PREFLIGHT = r'''
@@ -149,7 +150,11 @@ class Plan:
         self.note(f"{word} {part} ({seconds:.0f} s): {what}")
 
     def command(self, argv, log, deadline, mode="w"):
-        """argv under `timeout -k`, its output to log; (exit status, seconds, cut by deadline)."""
+        """argv under `timeout -k`, its output to log; (exit status, seconds, cut by deadline).
+        The rehearsal's deadlines are longer: a CPU compiles slowly, and it checks the plumbing,
+        not the times."""
+        if self.smoke:
+            deadline = max(deadline, SMOKE_DEADLINE)
         limit = max(1, int(min(deadline, self.left())))
         started = time.monotonic()
         with open(log, mode) as f:
@@ -172,7 +177,7 @@ class Plan:
                 f.write(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
         rc, seconds, cut = self.command([sys.executable, "-c", PREFLIGHT,
                                          "smoke" if self.smoke else "run"], self.out / "pre.txt",
-                                        300 if self.smoke else 20)
+                                        20)
         text = (self.out / "pre.txt").read_text()
         (self.out / "pre.txt").unlink()
         with open(log, "a") as f:
@@ -187,8 +192,9 @@ class Plan:
         self.torch = torch[1] if torch else "?"
         missing = [line.strip() for line in text.splitlines() if line.startswith("MISSING")]
         if cut:
-            missing.append(f"the preflight did not end within its deadline, after: "
-                           f"{[line for line in text.splitlines() if not line.startswith('HAVE')][-1:]}")
+            said = [line for line in text.splitlines() if not line.startswith("HAVE ")]
+            missing.append("the preflight did not end within its deadline, after: "
+                           + (said[-1] if said else "nothing"))
         if not self.have["data"]:
             missing.append(f"MISSING data: no {self.data / 'mnist'} (run tools/lease.py prepare "
                            "here and carry data/; the queue is skipped)")
@@ -532,11 +538,11 @@ def prepare(args):
         raise SystemExit(f"error: expected the 4 MNIST .gz files in {src / 'mnist'}, found "
                          f"{len(files)}")
     for f in files:
-        shutil.copy(f, mnist / f.name)
+        shutil.copyfile(f, mnist / f.name)
     if (src / "cifar10" / "data_batch_1.npz").exists() and not args.no_cifar:
         import numpy as np
         cifar.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / "cifar10" / "data_batch_1.npz", cifar / "data_batch_1.npz")
+        shutil.copyfile(src / "cifar10" / "data_batch_1.npz", cifar / "data_batch_1.npz")
         with np.load(src / "cifar10" / "test_batch_8000.npz") as f:
             np.savez_compressed(cifar / "test_batch_2000.npz", images=f["images"][:2000],
                                 labels=f["labels"][:2000])
@@ -583,7 +589,7 @@ def main(argv=None):
     r.add_argument("--out", default=os.environ.get("OUT", "lease_out"))
     r.add_argument("--data", default=str(ROOT / "data"))
     r.add_argument("--queue", default=str(QUEUE))
-    r.add_argument("--seconds", type=int, default=PLAN_SECONDS, help=argparse.SUPPRESS)
+    r.add_argument("--seconds", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--parts", default=",".join(ALL_PARTS),
                    help="comma-separated, among " + ", ".join(ALL_PARTS) + " (the preflight "
                         "always runs)")
@@ -609,7 +615,8 @@ def main(argv=None):
         parts = args.parts.split(",")
         if unknown := [x for x in parts if x not in ALL_PARTS]:
             p.error(f"--parts: unknown {', '.join(unknown)}; the parts are {', '.join(ALL_PARTS)}")
-        sys.exit(Plan(args.out, args.smoke, args.data, args.queue, args.seconds, parts).run())
+        seconds = args.seconds or (SMOKE_SECONDS if args.smoke else PLAN_SECONDS)
+        sys.exit(Plan(args.out, args.smoke, args.data, args.queue, seconds, parts).run())
     if args.verb == "prepare":
         return prepare(args)
     unpack(args)

@@ -62,7 +62,12 @@ def test_finished_items_and_runs_in_earlier_leases(tmp_path, monkeypatch):
     done, runs = lease.finished_before("paper-mnist")
     assert done is None and runs == [sweep_dir / "mnist_paper_det_bc" / "seed1"]
     assert lease.in_item(runs[0], "paper-mnist") == Path("mnist_paper_det_bc/seed1")
-    assert lease.finished_before("k-probe") == (None, [])
+    assert lease.finished_before("k-probe") == (None, []) and lease.measured_k() is None
+    (results / "2026-12-05T1200-h200" / "k-probe").mkdir()
+    (results / "2026-12-05T1200-h200" / "k-probe" / "lease.json").write_text(
+        json.dumps(dict(status="finished", k=4)))
+    assert lease.finished_before("k-probe")[0] == "2026-12-05T1200-h200"
+    assert lease.measured_k() == 4
 
 
 def test_sweep_skips_a_finished_run_without_its_checkpoint(tmp_path):
@@ -124,6 +129,7 @@ def test_smoke_rehearsal_runs_the_whole_plan_on_the_cpu(tmp_path):
     assert "PASS queue mnist-250 (" in summary and "1 finished" in summary
     assert "PASS queue k-probe (" in summary and "PASS queue paper-mnist (" in summary
     assert "SKIP queue cifar10-real (0 s): no " in summary
+    assert "SKIP queue bench-svhn (0 s): not rehearsed" in summary
     assert "FAIL" not in summary
     lease_name = re.search(r"^lease (\S+);", summary, re.M)[1]
     assert lease_name.endswith("-cpu-smoke")
@@ -131,7 +137,9 @@ def test_smoke_rehearsal_runs_the_whole_plan_on_the_cpu(tmp_path):
         names = sorted(tar.getnames())
     assert f"{lease_name}/mnist-250/metrics.jsonl" in names
     assert f"{lease_name}/paper-mnist/mnist_paper_stoch_bc/seed1/lease.json" in names
-    assert not any(n.endswith(".pt") or "k-probe/" in n for n in names)
+    assert not any(n.endswith(".pt") for n in names)
+    assert [n for n in names if "k-probe" in n] == [f"{lease_name}/k-probe",
+                                                   f"{lease_name}/k-probe/lease.json"]
     assert len(list(out.iterdir())) <= 8  # what a lent machine sends back
     record = json.loads(tarfile.open(out / "results.tar").extractfile(
         f"{lease_name}/mnist-250/lease.json").read())

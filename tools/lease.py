@@ -130,8 +130,11 @@ class Plan:
         self.summary = self.out / "summary.txt"
         self.have = {}
         self.failed = 0
+        # the items' python3 is this one; the scripts' imports from the repository root
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT) + os.pathsep
-                        + os.environ.get("PYTHONPATH", ""))
+                        + os.environ.get("PYTHONPATH", ""),
+                        PATH=str(Path(sys.executable).parent) + os.pathsep
+                        + os.environ.get("PATH", ""))
         self.card = "cpu"
         self.lease = None
         self.beside = None  # the queue item that runs beside the checks
@@ -185,6 +188,13 @@ class Plan:
                             if not line.startswith("HAVE ")))
         found = re.findall(r"^HAVE (.*)$", text, re.M)
         self.have = json.loads(found[-1]) if found else {}
+        if cut and "compile" not in self.have and all(
+                self.have.get(k) for k in ("torch", "cuda", "cc")):
+            # Only the tiny compile was slow: the parts go on (each has its deadline, and the
+            # compiled step falls back loudly), rather than lose the lease.
+            self.have["compile"] = True
+            self.note("note: the tiny torch.compile did not end within the preflight's "
+                      "deadline; the parts that compile go on")
         self.have["data"] = (self.data / "mnist").is_dir()
         gpu = re.search(r"^ok +CUDA: (?!none)(.*)$", text, re.M)
         self.card = gpu[1] if gpu else "cpu"
@@ -265,6 +275,9 @@ class Plan:
         if absent:
             self.verdict("SKIP", f"queue {name}", 0, f"no {self.data / absent[0]} (prepare)")
             return None
+        if self.smoke and item["smoke"] == "-":
+            self.verdict("SKIP", f"queue {name}", 0, "not rehearsed (its SMOKE is -)")
+            return None
         done, finished = finished_before(name)
         if done and not item["sweep"]:
             self.verdict("SKIP", f"queue {name}", 0, f"finished in {done}")
@@ -282,7 +295,8 @@ class Plan:
             for f in ("hparams.json", "metrics.jsonl"):
                 shutil.copy(src / f, dest / f)
         run.parent.mkdir(parents=True, exist_ok=True)
-        k = (SCRATCH / "k.txt").read_text().strip() if (SCRATCH / "k.txt").exists() else "1"
+        k = (SCRATCH / "k.txt").read_text().strip() if (SCRATCH / "k.txt").exists() else \
+            str(measured_k() or 1)
         line = item["command"] + (" " + item["smoke"] if self.smoke else "")
         env = dict(self.env, RUN=str(run), DATA=str(self.data), K=k,
                    DEVICE="cpu" if self.smoke else "cuda", LEASE_SCRATCH=str(SCRATCH))
@@ -322,6 +336,15 @@ class Plan:
                 exit_status=rc, item_seconds=round(seconds, 1), card=self.card,
                 torch=self.torch, commit=git_commit(), smoke=self.smoke,
                 data=describe_data(self.data, job["command"])), indent=1) + "\n")
+        if not runs and rc == 0:  # an item without runs (a benchmark, probe-k): its record alone
+            dest = staging / self.lease / job["name"]
+            dest.mkdir(parents=True, exist_ok=True)
+            k = job["run"] / "k.txt"
+            (dest / "lease.json").write_text(json.dumps(dict(
+                lease=self.lease, item=job["name"], command=job["line"], status="finished",
+                exit_status=rc, item_seconds=round(seconds, 1), card=self.card,
+                torch=self.torch, commit=git_commit(), smoke=self.smoke,
+                k=int(k.read_text()) if k.exists() else None), indent=1) + "\n")
         if staging.exists():
             with tarfile.open(self.out / "results.tar", "a") as tar:
                 tar.add(staging / self.lease, arcname=self.lease)
@@ -445,6 +468,15 @@ def finished_before(name):
             unfinished += 1
     done = ", ".join(sorted(leases)) if finished and not unfinished else None
     return done, finished
+
+
+def measured_k():
+    """The K that an earlier lease's k-probe measured (the latest), or None."""
+    for record in sorted(RESULTS.glob("*/k-probe/lease.json"), reverse=True):
+        k = json.loads(record.read_text()).get("k")
+        if k:
+            return k
+    return None
 
 
 def passed_before(part):

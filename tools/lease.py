@@ -17,16 +17,17 @@ train/eval graph), each a multiple of the compiles it holds:
   checks        150 s  the CUDA tests that matter most: a graph-mode run killed mid-epoch resumes
                        bit-exact (3 processes, the first compiling cold: ~80 s), graph = compiled
                        (one MLP: ~30 s), bf16 keeps float32 state (one CNN: ~40 s). The first
-                       queue item runs beside them (they compile on the CPU; the GPU is idle).
+                       queue item (MNIST's 250 epochs, ~3 min) runs beside them, for at most
+                       300 s: they compile on the CPU, and the GPU would idle.
   bench-mnist   120 s  benchmark.py, MNIST at full size: plain, eager, fast fp32 and bf16, fp32
                        autotuned (3 compiles of ~35 s), projected minutes of a full run.
   bench-cifar10 150 s  the same for CIFAR-10 in fp32 and bf16 (2 CNN compiles of ~60 s, their
                        evaluation graphs). Both benchmarks wait for the queue item beside the
                        checks, so they time an idle GPU; a benchmark passed in an earlier lease
                        (results/*/summary.txt) is skipped, leaving its time to the queue.
-  queue           the rest: tools/lease_queue.txt's items in order, each started when its
+  queue          the rest  tools/lease_queue.txt's items in order, each started when its
                        minutes are left, stopped at the plan's end (recorded as cut short).
-The plan ends PLAN_SECONDS after it began; then its files are packed. Back in $OUT (7 files):
+The plan ends 540 s after it began, well inside the call's 10 minutes. Back in $OUT (7 files):
 summary.txt, device.txt, checks.txt, bench-mnist.txt, bench-cifar10.txt, queue.txt (the items'
 output) and results.tar: each run's small files (hparams.json, metrics.jsonl, log.txt,
 resumes.jsonl, lease.json), never checkpoints, appended as each item ends.
@@ -319,6 +320,7 @@ class Plan:
         counts = {"finished": 0, "cut short": 0, "failed": 0, "copied": 0}
         staging = SCRATCH / "staging"
         shutil.rmtree(staging, ignore_errors=True)
+        errors = []  # the finished runs' test errors at their best validation epoch
         for run_dir in runs:
             rel = run_dir.relative_to(job["run"])
             if any(rel == in_item(s, job["name"]) for s in job["seeded"]):
@@ -331,30 +333,37 @@ class Plan:
             for f in RUN_FILES:
                 if (run_dir / f).exists():
                     shutil.copy(run_dir / f, dest / f)
-            (dest / "lease.json").write_text(json.dumps(dict(
-                lease=self.lease, item=job["name"], command=job["line"], status=status,
-                exit_status=rc, item_seconds=round(seconds, 1), card=self.card,
-                torch=self.torch, commit=git_commit(), smoke=self.smoke,
-                data=describe_data(self.data, job["command"])), indent=1) + "\n")
+            self.record(dest, job, rc, seconds, status=status,
+                        data=describe_data(self.data, job["command"]))
+            if status == "finished":
+                errors.append(read_last(run_dir / "metrics.jsonl").get("test_err"))
         if not runs and rc == 0:  # an item without runs (a benchmark, probe-k): its record alone
-            dest = staging / self.lease / job["name"]
-            dest.mkdir(parents=True, exist_ok=True)
             k = job["run"] / "k.txt"
-            (dest / "lease.json").write_text(json.dumps(dict(
-                lease=self.lease, item=job["name"], command=job["line"], status="finished",
-                exit_status=rc, item_seconds=round(seconds, 1), card=self.card,
-                torch=self.torch, commit=git_commit(), smoke=self.smoke,
-                k=int(k.read_text()) if k.exists() else None), indent=1) + "\n")
+            self.record(staging / self.lease / job["name"], job, rc, seconds, status="finished",
+                        k=int(k.read_text()) if k.exists() else None)
         if staging.exists():
             with tarfile.open(self.out / "results.tar", "a") as tar:
                 tar.add(staging / self.lease, arcname=self.lease)
         if job["name"] == "k-probe" and (job["run"] / "k.txt").exists():
             shutil.copy(job["run"] / "k.txt", SCRATCH / "k.txt")
-        word = "PASS" if rc == 0 and not counts["failed"] else "FAIL"
-        said = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no run directories"
-        self.verdict(word if not cut else "FAIL", f"queue {job['name']}", seconds,
+        # A sweep stopped by the plan's end continues in the next lease: its finished runs
+        # count. Any other item stopped short, or a failed run, is a FAIL.
+        ok = not counts["failed"] and (rc == 0 or cut and job["sweep"] and counts["finished"])
+        said = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "no run directories"
+        if errors:
+            said += "; test error % at the best validation epoch: " + ", ".join(
+                f"{e:.2f}" if isinstance(e, (int, float)) else "?" for e in errors[:8])
+        self.verdict("PASS" if ok else "FAIL", f"queue {job['name']}", seconds,
                      said + (f"; exit {rc}" if rc else "") + ("; stopped at the plan's end"
                                                             if cut else ""))
+
+    def record(self, dest, job, rc, seconds, **fields):
+        """lease.json: what the ledger (results.py --ledger) says of a run besides its files."""
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "lease.json").write_text(json.dumps(dict(
+            lease=self.lease, item=job["name"], command=job["line"], exit_status=rc,
+            item_seconds=round(seconds, 1), card=self.card, torch=self.torch,
+            commit=git_commit(), smoke=self.smoke, **fields), indent=1) + "\n")
 
     # -- the whole plan ---------------------------------------------------------------------------
     def run(self):
@@ -429,6 +438,14 @@ def read_queue(path):
         items.append(dict(name=fields[0], minutes=int(fields[1]), command=fields[2],
                           smoke=fields[3], sweep="sweep.py" in fields[2]))
     return items
+
+
+def read_last(path):
+    """The last line of a metrics.jsonl, {} if none can be read."""
+    try:
+        return json.loads(Path(path).read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return {}
 
 
 def run_status(run_dir, rc, cut):

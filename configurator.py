@@ -226,7 +226,9 @@ def _read_config_file(path):
 # What may differ when a run is resumed: where things are, not what is computed.
 # compile too: it changes how the step runs, and a run that has to leave its fast step (a GPU
 # check that failed) can; the layers' random streams then change kind, as the resume says.
-RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH", "compile")
+# checkpoint_every: how often it is written, not what is computed.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH", "compile",
+                     "checkpoint_every")
 
 
 def _resume(config, explicit, origin, script):

@@ -165,9 +165,20 @@ def check(run, resume, runs_here=True):
     run's stored one (a sweep directory holds one experiment; use another for a new one). A run
     submitted to Slurm (runs_here False) may name a device that this login node lacks."""
     defaults = runpy.run_path(str(ROOT / f"{run.dataset}.py"), run_name=run.dataset)
+    # A finished run kept without its checkpoint (results/ keeps none): its settings are
+    # compared here, as a resume would compare them.
+    kept = resume and not (Path(run.dir) / "last.pt").exists()
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            configurator.configure(defaults, run.argv(resume)[2:], runs_here=runs_here)
+            config = configurator.configure(defaults, run.argv(resume and not kept)[2:],
+                                            runs_here=runs_here)
+        if kept:
+            stored = read_record(run.dir)["hparams"]
+            differs = [f"{k}={stored[k]!r} there, {v!r} here" for k, v in config.items()
+                       if k in stored and k not in configurator.RESUME_MAY_CHANGE
+                       and stored[k] != v]
+            if differs:
+                raise SystemExit(", ".join(differs))
     except SystemExit as e:
         message = str(e).removeprefix("error: ")
         if resume:  # the directory holds a run already

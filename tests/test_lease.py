@@ -145,3 +145,23 @@ def test_smoke_rehearsal_runs_the_whole_plan_on_the_cpu(tmp_path):
         f"{lease_name}/mnist-250/lease.json").read())
     assert record["status"] == "finished" and record["card"] == "cpu"
     assert "600 training and 100 test images" in record["data"]
+
+
+def test_sweep_compares_a_kept_finished_run_with_the_command(tmp_path, capsys):
+    """A finished run copied from results/ (no last.pt) is skipped only if it is the run the
+    sweep asks for: its hparams.json against the command, as a resume compares them."""
+    import configurator
+    import runpy
+    run = sweep.RunSpec("mnist", "paper_stoch_bc", 1, str(tmp_path / "seed1"),
+                        ("--num_epochs=2", "--checkpoint_every=5"))
+    defaults = runpy.run_path(str(REPO / "mnist.py"), run_name="mnist")
+    config = configurator.configure(defaults, run.argv()[2:])
+    finished_run(tmp_path / "seed1")
+    (tmp_path / "seed1" / "hparams.json").write_text(json.dumps(dict(script="mnist",
+                                                                     hparams=config)))
+    sweep.check(run, resume=True)  # the same run (checkpoint_every may differ)
+    sweep.check(run._replace(overrides=("--num_epochs=2", "--checkpoint_every=1")), resume=True)
+    with pytest.raises(SystemExit):
+        sweep.check(run._replace(overrides=("--num_epochs=3",)), resume=True)
+    err = capsys.readouterr().err
+    assert "holds a run with other settings" in err and "(num_epochs=2 there, 3 here)" in err

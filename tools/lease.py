@@ -548,14 +548,18 @@ def probe_k(argv):
     rates = {}
     for k in map(int, args.ks.split(",")):
         procs = []
+        (runs / f"k{k}").mkdir(parents=True)
         for i in range(k):
             d = runs / f"k{k}" / f"run{i}"
-            procs.append(subprocess.Popen(
-                [sys.executable, args.script, *script_args, f"--num_epochs={args.epochs}",
-                 f"--seed={i + 1}", f"--out_dir={d}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT))
+            with open(f"{d}.out", "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, args.script, *script_args, f"--num_epochs={args.epochs}",
+                     f"--seed={i + 1}", f"--out_dir={d}"], cwd=ROOT, stdout=log,
+                    stderr=subprocess.STDOUT))
         if any(pr.wait() for pr in procs):
-            raise SystemExit(f"probe-k: a run of K={k} failed (see {runs / f'k{k}'}/*/log.txt)")
+            failed = next(f for f in sorted((runs / f"k{k}").glob("*.out")))
+            raise SystemExit(f"probe-k: a run of K={k} failed; {failed} ends:\n"
+                             + "".join(failed.read_text().splitlines(True)[-5:]))
         per_run = []
         for i in range(k):
             rows = [json.loads(line) for line in

@@ -334,6 +334,11 @@ def main(argv=None):
     if not runs:
         sys.exit("\n".join(notes + ["results.py: no readable run directories under "
                                      + " ".join(args.run_dirs)]))
+    if args.ledger:  # a CPU rehearsal of the lease plan (lease.py run --smoke) is no result
+        rehearsals = [r for r in runs if lease_record(r["dir"]).get("smoke")]
+        runs = [r for r in runs if r not in rehearsals]
+        notes += [f"Left out: {r['dir']}, a CPU rehearsal (tools/lease.py run --smoke)."
+                  for r in rehearsals]
     done = [r for r in runs if r["finished"]]
     rows = group(done)
     lines = notes_for(rows, [r for r in runs if not r["finished"]], notes)

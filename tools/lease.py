@@ -252,7 +252,9 @@ class Plan:
         text = (self.out / f"{part}.txt").read_text()
         summary = re.findall(r"^SUMMARY .*$", text, re.M)
         slow = re.findall(r"ratio_(fast\w*)=([0-9.]+)", " ".join(summary))
-        slow = [name for name, ratio in slow if float(ratio) <= 1]
+        # on the GPU every fast step must beat the plain one; a tiny net on a busy CPU proves
+        # nothing either way
+        slow = [name for name, ratio in slow if float(ratio) <= 1 and not self.smoke]
         word = "PASS" if rc == 0 and summary and not slow else "FAIL"
         self.verdict(word, part, seconds, "benchmark.py, compiling included" + (
             f"; cut at the {deadline} s deadline" if cut else "")

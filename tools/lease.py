@@ -523,12 +523,20 @@ def describe_data(data, command):
     return "; ".join(said)
 
 
+COMMIT_FILE = ROOT / "data" / "lease_commit.txt"  # prepare's record: the lent machine has no .git
+
+
 def git_commit():
+    """The commit of the tree the plan runs: git's where there is a .git, else the one prepare
+    recorded beside the data (with "+ changes" when the tree differed from it)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.strip() or "no git"
+        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
     except OSError:
-        return "no git"
+        commit = ""
+    if not commit and COMMIT_FILE.exists():
+        return COMMIT_FILE.read_text().strip() + " (as prepare recorded it)"
+    return commit or "no git"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -583,8 +591,9 @@ def probe_k(argv):
 
 def prepare(args):
     """data/mnist (the real files, 11 MB), data/cifar10 (data_batch_1.npz and the first 2000 test
-    images, 34 MB) and .whl/ (submitit, which the lent machine lacks), all git-ignored: carry
-    data and .whl."""
+    images, 34 MB), data/lease_commit.txt (the commit, for the records: the machine gets no .git)
+    and .whl/ (submitit, which the lent machine lacks), all git-ignored: carry data and .whl.
+    Run it after the last commit before the call."""
     src = Path(args.shared)
     mnist, cifar = ROOT / "data" / "mnist", ROOT / "data" / "cifar10"
     mnist.mkdir(parents=True, exist_ok=True)
@@ -601,6 +610,9 @@ def prepare(args):
         with np.load(src / "cifar10" / "test_batch_8000.npz") as f:
             np.savez_compressed(cifar / "test_batch_2000.npz", images=f["images"][:2000],
                                 labels=f["labels"][:2000])
+    git = [subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+           for a in (["rev-parse", "--short=10", "HEAD"], ["status", "--porcelain", "-uno"])]
+    COMMIT_FILE.write_text(git[0] + (" + changes" if git[1] else "") + "\n")
     if not args.no_wheels:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                         "--only-binary=:all:", "-d", str(ROOT / ".whl"), "submitit"], check=True)

@@ -67,7 +67,7 @@ def set_rng_states(model, states, device):
 # Checkpoints: taken to host memory at the end of an epoch, written by a background thread
 
 class CheckpointWriter:
-    """Writes each epoch's checkpoint (best.pt, then last.pt, then metrics.jsonl, each atomic)
+    """Writes each checkpoint (best.pt, then last.pt, then metrics.jsonl, each atomic)
     in a background thread from a host-memory snapshot, so a 2-second epoch does not wait for
     150 MB to reach the disk. One write at a time: the next snapshot waits for the previous
     write. metrics.jsonl is written after last.pt, so it never holds an epoch that a resume

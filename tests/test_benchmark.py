@@ -58,7 +58,7 @@ def test_dynamo_is_reset_before_each_variant_which_is_timed_before_the_next(monk
     monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append(("reset",)))
     try:
         benchmark.benchmark("mnist", torch.device("cpu"), steps=1, repeats=2,
-                            precisions=["fp32", "bf16"])
+                            precisions=["fp32", "bf16"], settings=["num_units=64"])
     finally:
         fast_step.set_precision("fp32", torch.device("cpu"))
     blocks = []

@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess

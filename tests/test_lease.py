@@ -116,7 +116,7 @@ def test_a_missing_piece_is_named_and_what_needs_it_skipped(tmp_path):
     assert "queue: skipped" in summary and "lease.py: 1 part(s) failed" in summary
 
 
-@pytest.mark.slow  # 3.5 min on a busy 2-core CPU: a benchmark compiles; five tiny runs
+@pytest.mark.slow  # about a minute on 2 cores (3.5 when busy): a benchmark compiles, 5 tiny runs
 def test_smoke_rehearsal_runs_the_whole_plan_on_the_cpu(tmp_path):
     write_fake_mnist(tmp_path / "data" / "mnist", n_train=600, n_test=100)
     p = plan(tmp_path)

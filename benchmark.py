@@ -12,9 +12,12 @@ For each net (MNIST 3x2048 MLP, batch 100; CIFAR-10 CNN, batch 50; SVHN CNN, bat
               graph) in precision p (fp32, tf32, bf16);
   fast_fp32_autotuned  (CUDA, --autotune) the fp32 fast step with inductor's and cuDNN's
               deterministic modes off (kernels chosen by timing): what determinism costs.
-Each variant is built afresh from the same seed and timed `repeats` times, alternating with the
-others, over `steps` steps after its warm-up (compiling included there, not in the timing); the
-best time of each is kept (these machines are noisy: the ratios are what count). An evaluation
+Each variant is built afresh from the same seed, warmed up (compiling included there, not in the
+timing) and timed `repeats` times over `steps` steps; the best time of each is kept (these
+machines are noisy: the ratios are what count). Dynamo is reset before each variant: its guards
+do not cover inductor's settings (the deterministic mode), so without the reset a variant could
+run the code compiled for the one before it; each variant is therefore timed right after its
+own warm-up, before the next reset. An evaluation
 pass over validation + test images is timed too, to project the minutes of a full run: epochs x
 (steps per epoch x step time + evaluation of both sets; the test set is evaluated only on
 improving epochs, so this overestimates).
@@ -216,15 +219,16 @@ def benchmark(net, device, steps, repeats, precisions, autotune=False, settings=
     if autotune and device.type == "cuda":  # what inductor's deterministic mode costs
         variants.append(Variant("fast_fp32_autotuned", net, device, (X, t), steps, mode=fast,
                                 deterministic=False, settings=settings))
+    best = {v.name: math.inf for v in variants}
+    eval_per_image = {}
     for v in variants:
+        torch._dynamo.reset()  # v compiles its own code, under its own settings
         start = time.perf_counter()
         v.warm_up()
         print(f"  {net}: {v.name} warmed up in {time.perf_counter() - start:.1f} s", flush=True)
-    best = {v.name: math.inf for v in variants}
-    for _ in range(repeats):
-        for v in variants:
+        for _ in range(repeats):
             best[v.name] = min(best[v.name], v.time())
-    eval_per_image = {v.name: v.eval_seconds_per_image(X_eval, t_eval) for v in variants}
+        eval_per_image[v.name] = v.eval_seconds_per_image(X_eval, t_eval)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{net} on {device} ({name}), {torch.get_num_threads()} threads, batch "

@@ -1,7 +1,9 @@
 """Checkpoints: last.pt (everything a resume needs) and best.pt (the best-validation model), the
-only code that writes or reads them. Each epoch's checkpoint is taken to host memory at once and
-written by a background thread; every write is atomic, best.pt first, then last.pt, then
-metrics.jsonl, so metrics.jsonl never holds an epoch that a resume would repeat.
+only code that writes or reads them. A checkpoint (every `checkpoint_every` epochs, the last epoch
+and a signal's moment) is taken to host memory at once and written by a background thread; every
+write is atomic, best.pt first, then last.pt, then metrics.jsonl, so metrics.jsonl never holds an
+epoch that a resume would repeat. Between checkpoints, an improving epoch's model waits in host
+memory (take_best) for the next checkpoint to write it as best.pt.
 """
 import dataclasses
 import sys
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from binary_connect import binary_layers
-from configurator import RESUME_MAY_CHANGE
+from configurator import RESUME_MAY_CHANGE, changed
 from fast_step import to_host
 from rundir import atomic_torch_save, log_metrics
 from runfiles import RUN_FILES, RunError
@@ -68,7 +70,7 @@ def set_rng_states(model, states, device):
 # Checkpoints: taken to host memory at the end of an epoch, written by a background thread
 
 class CheckpointWriter:
-    """Writes each epoch's checkpoint (best.pt, then last.pt, then metrics.jsonl, each atomic)
+    """Writes each checkpoint (best.pt, then last.pt, then metrics.jsonl, each atomic)
     in a background thread from a host-memory snapshot, so a 2-second epoch does not wait for
     150 MB to reach the disk. One write at a time: the next snapshot waits for the previous
     write. metrics.jsonl is written after last.pt, so it never holds an epoch that a resume
@@ -79,7 +81,7 @@ class CheckpointWriter:
         self.thread = None
         self.error = None
 
-    def save(self, checkpoint, best):
+    def save(self, checkpoint, best=None):
         self.wait()
         self.thread = threading.Thread(target=self._write, args=(checkpoint, best))
         self.thread.start()
@@ -126,13 +128,22 @@ def take_checkpoint(run, model, optimizer, progress):
                          hparams=run.config, **vars(progress)))
 
 
-def write_checkpoint(run, checkpoint, best=False):
+def take_best(model, epoch):
+    """The best-validation model of an epoch with no checkpoint of its own (checkpoint_every >
+    1), in host memory until the next checkpoint writes it as best.pt."""
+    return dict(model=to_host(model.state_dict()), epoch=epoch)
+
+
+def write_checkpoint(run, checkpoint, best=None):
+    """best: None, True (best.pt is this checkpoint's model) or a take_best of an earlier epoch
+    since the previous checkpoint."""
     try:
         # best.pt first: if it fails, last.pt still holds the previous epoch, which a resume
         # then redoes, best.pt included.
         if best:
-            atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=checkpoint["model"],
-                                   epoch=checkpoint["epoch"], hparams=run.config),
+            best = checkpoint if best is True else best
+            atomic_torch_save(dict(version=CHECKPOINT_VERSION, model=best["model"],
+                                   epoch=best["epoch"], hparams=run.config),
                               run.path("best.pt"))
         atomic_torch_save(checkpoint, run.path("last.pt"))
         log_metrics(run, checkpoint["history"])
@@ -142,7 +153,7 @@ def write_checkpoint(run, checkpoint, best=False):
                          f"then resume with: python {run.script}.py --resume={run.out_dir}")
 
 
-def save_checkpoint(run, model, optimizer, progress, best=False):
+def save_checkpoint(run, model, optimizer, progress, best=None):
     """The checkpoint of this moment, written before returning."""
     write_checkpoint(run, take_checkpoint(run, model, optimizer, progress), best)
 
@@ -170,8 +181,7 @@ def _check_hparams(run, path, trained):
     would claim the edited one, is refused (the overrides a resume may change aside)."""
     if not isinstance(trained, dict):
         return
-    differ = [k for k in run.config if k in trained and k not in RESUME_MAY_CHANGE
-              and run.config[k] != trained[k]]
+    differ = changed(run.config, trained)
     if differ:
         may = [k for k in RESUME_MAY_CHANGE if k in run.config and k not in ("resume", "out_dir")]
         may = " and ".join([", ".join(may[:-1]), may[-1]] if may[1:] else may)

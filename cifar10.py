@@ -44,6 +44,7 @@ compile = "auto"  # "auto": on for CUDA, on the CPU for the paper's network size
 precision = "fp32"  # "fp32": the original's float32 (TF32 off); "tf32"; "bf16" (autocast products)
 out_dir = ""  # default: runs/cifar10-<timestamp>
 resume = ""  # a run directory to continue
+checkpoint_every = 1  # epochs between checkpoints (last.pt, metrics.jsonl): what a kill can redo
 
 
 def load_data(c):

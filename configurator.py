@@ -160,7 +160,7 @@ _POSITIVE_INT = (_ints(1), "must be a positive int (>= 1)")
 _POSITIVE = (_floats(lambda x: x > 0), "must be a number > 0")
 CHECKS = {
     **dict.fromkeys(["batch_size", "num_units", "num_epochs", "monitor_step", "chunk_size",
-                     "train_set_size", "n_valid_train"], _POSITIVE_INT),
+                     "train_set_size", "n_valid_train", "checkpoint_every"], _POSITIVE_INT),
     **dict.fromkeys(["n_hidden_layers", "n_valid_extra"], (_ints(0), "must be an int >= 0")),
     "seed": (_ints(0, 2**32), "must be an int from 0 to 2**32 - 1 (numpy's limit)"),
     "alpha": (_floats(lambda x: 0 < x <= 1), "must be in (0, 1]"),
@@ -253,7 +253,17 @@ def _read_config_file(path):
 # What may differ when a run is resumed: where things are, not what is computed.
 # compile too: it changes how the step runs, and a run that has to leave its fast step (a GPU
 # check that failed) can; the layers' random streams then change kind, as the resume says.
-RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH", "compile")
+# checkpoint_every: how often it is written, not what is computed.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH", "compile",
+                     "checkpoint_every")
+
+
+def changed(settings, stored):
+    """The keys of settings that a resume of the run whose hyperparameters are `stored` may not
+    change, and that differ from them: the one rule for --resume, the checkpoint's own record
+    and the sweep's kept runs."""
+    return [k for k in settings
+            if k in stored and k not in RESUME_MAY_CHANGE and settings[k] != stored[k]]
 
 
 # Why a finished run is not extended: the schedule is a function of num_epochs (§4.1).
@@ -278,8 +288,7 @@ def _resume(config, explicit, origin, script):
     if made_by and made_by != script:
         raise ConfigError(f"--resume={config['resume']}: that run was made by {made_by}.py; "
                           f"continue it with: python {made_by}.py --resume={config['resume']}")
-    conflicts = [k for k in explicit
-                 if k in stored and k not in RESUME_MAY_CHANGE and explicit[k] != stored[k]]
+    conflicts = changed(explicit, stored)
     if conflicts:
         raise ConfigError("a resumed run keeps its hyperparameters; drop " + ", ".join(
             f"{k}={explicit[k]!r} (the run has {stored[k]!r})" for k in conflicts)

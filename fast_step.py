@@ -314,11 +314,11 @@ class TrainStep:
     def _clean_up_after_capture(self, rng, error):
         """A failed capture can leave CUDA's default generator in capture state (seen on an
         H100: "Offset increment outside graph capture"), which dropout would hit later: its
-        state goes back to the one before the capture, and a draw checks it."""
+        state goes back to the one before the capture. No probe draw after it: torch >= 2.11
+        keeps a generator state per capture, and a draw would move a dropout run's stream."""
         try:
             torch.cuda.synchronize(self.device)
             torch.cuda.set_rng_state(rng, self.device)
-            torch.rand(1, device=self.device)
             torch.cuda.synchronize(self.device)
         except Exception as e:
             raise SystemExit(f"error: a failed CUDA graph capture ({_first_line(error)}) left "

@@ -44,10 +44,15 @@ def held(run_dir):
 
 def progress(run_dir):
     """start (no checkpoint), resume (a checkpoint, not finished) or done (its last epoch is in
-    metrics.jsonl). A run whose records cannot be read is resumed: the resume rewrites
-    metrics.jsonl, or names the damaged hparams.json."""
+    metrics.jsonl, with or without its checkpoint: results/ keeps none). A run whose records
+    cannot be read is resumed: the resume rewrites metrics.jsonl, or names the damaged
+    hparams.json."""
     if not (Path(run_dir) / "last.pt").exists():
-        return "start"
+        try:
+            return "done" if is_finished(read_record(run_dir)["hparams"],
+                                         read_metrics(run_dir)) else "start"
+        except RunError:
+            return "start"
     try:
         finished = is_finished(read_record(run_dir)["hparams"], read_metrics(run_dir))
     except RunError:

@@ -1,6 +1,7 @@
 """The paper's Table 2 rebuilt from finished runs: test error, mean ± std over seeds.
 
     python results.py runs/table2 [RUN_DIR ...] [--format=markdown|csv|latex]
+    python results.py --ledger results        # README's results: every run a lent GPU sent back
 
 Each argument is a run directory or any folder above some (a sweep directory); every folder with
 an hparams.json below it is a run. A run is finished when its metrics.jsonl has the line of its
@@ -13,10 +14,17 @@ runs are listed under the table, not averaged. A seed counts once in a row: a se
 with the same run (a copy) is named under the table and left out. The runs are read by rundir's
 readers, as every tool reads them: a metrics.jsonl whose last line is cut short (a copy cut short)
 is read without that line, with a warning; a run that cannot be read is named under the table.
+
+--ledger lists every run below the folders (results/, where tools/lease.py unpack puts what a lent
+GPU sent back) one per line, stating what was run: the script, its protocol, variant, settings
+departing from the protocol, seed, the data, the card, torch, the commit and the time; a run cut
+short by a lease's deadline is recorded as cut short (its epochs done), never with a test error.
+The Table 2 rows of the finished runs follow.
 """
 import argparse
 import csv
 import io
+import json
 import runpy
 import statistics
 import sys
@@ -55,7 +63,7 @@ PAPER = {
 # compile runs the same float32 math (at most in another rounding order). precision does change
 # the arithmetic (bf16 products), so it stays in the row's key.
 NOT_IN_ROW = {"seed", "out_dir", "resume", "data_dir", "SVHN_LOCAL_PATH", "device", "compile",
-              "verify_checksums"}
+              "verify_checksums", "checkpoint_every"}
 # These name the row (its variant); the others that differ from the protocol are listed beside it.
 VARIANT_KEYS = {"binary", "stochastic", "dropout_in", "dropout_hidden"}
 # The paper's MNIST protocol is these settings of config/mnist_paper_stoch_bc.py.
@@ -294,23 +302,67 @@ def csv_text(rows, lines):
     return buffer.getvalue()
 
 
+def lease_record(run_dir):
+    """lease.json, which tools/lease.py writes beside a run it sends back ({} for other runs)."""
+    try:
+        return json.loads((Path(run_dir) / "lease.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def ledger(runs):
+    """One line per run: what was run and how it ended (finished with its test error, or cut
+    short, or failed, at the epoch it reached)."""
+    out = ["| run | what was run | seed | status | test error % (at best val.) | card | torch "
+           "| commit | epochs' time |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: str(r["dir"])):
+        hp, lease = run["hparams"], lease_record(run["dir"])
+        protocol, settings = protocol_and_settings(run["script"], hp)
+        what = (f"{run['script']}.py, {protocol}, {variant(hp)}"
+                + "".join(f", {k}={v}" for k, v in settings.items())
+                + (f"; data: {lease['data']}" if lease.get("data") else ""))
+        done = run["metrics"][-1]["epoch"] if run["metrics"] else 0
+        status = lease.get("status") or ("finished" if run["finished"] else "unfinished")
+        if run["finished"]:
+            status, error = "finished", (f"{run['metrics'][-1]['test_err']:.2f} (epoch "
+                                         f"{run['metrics'][-1]['best_epoch']})")
+        else:  # never a result: where it stopped
+            status, error = f"{status} at epoch {done} of {hp['num_epochs']}", "—"
+        versions = lease.get("torch") or "?"
+        out.append(f"| {run['dir']} | {what} | {hp['seed']} | {status} | {error} | "
+                   f"{lease.get('card') or run['devices']} | {versions} | "
+                   f"{lease.get('commit') or ', '.join(run['commits'])} | "
+                   f"{run['hours'] * 60:.1f} min |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directories, or folders above them (sweep directories)")
     parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
+    parser.add_argument("--ledger", action="store_true",
+                        help="every run, one a line (what was run, how it ended), then the table")
     args = parser.parse_args(argv)
     try:
         runs, notes = read_runs(args.run_dirs)
         if not runs:
             print("\n".join(notes), file=sys.stderr)
             raise RunError("no readable run directories under " + " ".join(args.run_dirs))
+        if args.ledger:  # a CPU rehearsal of the lease plan (lease.py run --smoke) is no result
+            rehearsals = [r for r in runs if lease_record(r["dir"]).get("smoke")]
+            runs = [r for r in runs if r not in rehearsals]
+            notes += [f"Left out: {r['dir']}, a CPU rehearsal (tools/lease.py run --smoke)."
+                      for r in rehearsals]
     except UserError as e:
         return print_error(e)
     done = [r for r in runs if r["finished"]]
     rows = group(done)
     lines = notes_for(rows, [r for r in runs if not r["finished"]], notes)
+    if args.ledger:
+        print(ledger(runs) + "\n" + markdown(rows, lines), end="")
+        return
     print({"markdown": markdown, "csv": csv_text, "latex": latex}[args.format](rows, lines),
           end="")
 

@@ -56,7 +56,7 @@ import runfiles
 import slurm
 from errors import UserError
 from jobs import Lane, RunsFailed, failure, held, progress, shown, shown_path, why, why_note
-from runfiles import DATA_PATHS, RunError, read_metrics
+from runfiles import DATA_PATHS, RunError, read_metrics, read_record
 
 # A job unpickles its Lane wherever it runs, maybe not in this directory: the code of jobs.py and
 # of what it uses (it reads the run's records and writes its FAILED note) travels inside the
@@ -144,8 +144,18 @@ def check(run, resume, runs_here=True):
     run's stored one (a sweep directory holds one experiment; use another for a new one). A run
     submitted to Slurm (runs_here False) may name a device that this login node lacks."""
     defaults = runpy.run_path(str(ROOT / f"{run.dataset}.py"), run_name=run.dataset)
+    # A finished run kept without its checkpoint (results/ keeps none): its settings are
+    # compared here, as a resume would compare them.
+    kept = resume and not (Path(run.dir) / "last.pt").exists()
     try:
-        configurator.parse(defaults, run.argv(resume)[2:], runs_here=runs_here)
+        config = configurator.parse(defaults, run.argv(resume and not kept)[2:],
+                                    runs_here=runs_here)
+        if kept:
+            stored = read_record(run.dir)["hparams"]
+            differs = [f"{k}={stored[k]!r} there, {config[k]!r} here"
+                       for k in configurator.changed(config, stored)]
+            if differs:
+                raise configurator.ConfigError(", ".join(differs))
     except UserError as e:
         message = str(e)
         if resume:  # the directory holds a run already
@@ -430,7 +440,8 @@ def main(argv=None):
     for run, status, _ in plan:  # every command is checked before anything is printed or submitted
         if status not in ("running", "queued"):
             # a done run must be the run asked for, too
-            check(run, resume=has_checkpoint(run), runs_here=args.cluster == "local")
+            check(run, resume=has_checkpoint(run) or status == "done",
+                  runs_here=args.cluster == "local")
     print(f"Sweep {sweep_dir}: {len(runs)} runs ({len(pairs)} config(s) x {len(seeds)} seed(s))")
     for run, status, note in plan:
         if status in ("start", "resume", "retry"):

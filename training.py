@@ -13,7 +13,7 @@ import torch
 
 from binary_connect import lr_decay, make_optimizer, squared_hinge_loss
 from checkpoints import (CheckpointWriter, Progress, load_checkpoint, save_checkpoint,
-                         take_checkpoint)
+                         take_best, take_checkpoint)
 from configurator import ConfigError, device_name
 from fast_step import (STEP_MODES, Split, TrainStep, autocast, miscounted, set_precision,
                        set_stream_kind, step_mode)
@@ -104,7 +104,9 @@ def train(model, data, run):
 
     The reported seconds of an epoch count its training steps, the reshuffle and the evaluation
     (for a resumed epoch, its part before the interruption too); the checkpoint is written in
-    the background and not counted.
+    the background and not counted. A checkpoint is taken every checkpoint_every epochs (and at
+    the last epoch, and when a signal stops the run); metrics.jsonl is written with it, so a run
+    killed between checkpoints resumes from the last one and redoes the same epochs exactly.
     """
     c = run.config
     batch_size, num_epochs, LR_start = c["batch_size"], c["num_epochs"], c["LR_start"]
@@ -112,6 +114,7 @@ def train(model, data, run):
     precision, loss_reduction = c["precision"], c["loss_reduction"]
     monitor_step, bn_stats = c["monitor_step"], c["bn_stats"]
     sampled = c.get("binary", True) and c.get("stochastic", False)  # BIG_LOSS_NOTE's case
+    checkpoint_every = c.get("checkpoint_every", 1)  # runs recorded before it existed: 1
     model.to(run.device)
     optimizer = make_optimizer(model, LR_start, c["optimizer"])  # §2.2
     print('Training...')
@@ -162,7 +165,7 @@ def train(model, data, run):
                 p.epoch, p.batch, p.losses = epoch - 1, i + 1, losses
                 p.elapsed = time.time() - start_time
                 writer.wait()
-                save_checkpoint(run, model, optimizer, p)
+                save_checkpoint(run, model, optimizer, p, best=pending_best)
                 stop(run, interrupt.signum, f"during epoch {epoch} (after batch {i + 1} of "
                                             f"{n_batches})")
         losses = step.losses[:n_batches].cpu().numpy()  # the epoch's one host sync
@@ -177,6 +180,8 @@ def train(model, data, run):
             return evaluate(model, split, batch_size, loss_reduction, forward=step.forward)
 
     writer = CheckpointWriter(run)
+    # An improving epoch's model while its checkpoint is still to come (checkpoint_every > 1).
+    pending_best = None
     try:
         with Interrupt() as interrupt:
             for epoch in range(p.epoch + 1, num_epochs + 1):
@@ -221,7 +226,13 @@ def train(model, data, run):
                 sys.stdout.flush()
                 p.epoch, p.batch, p.losses, p.elapsed = epoch, 0, None, 0.
                 p.LR = LR * LR_decay  # §4.1
-                writer.save(take_checkpoint(run, model, optimizer, p), best=improved)
+                if (epoch % checkpoint_every == 0 or epoch == num_epochs
+                        or interrupt.signum is not None):
+                    writer.save(take_checkpoint(run, model, optimizer, p),
+                                best=True if improved else pending_best)
+                    pending_best = None
+                elif improved:
+                    pending_best = take_best(model, epoch)
                 if interrupt.signum is not None and epoch < num_epochs:  # during evaluation
                     writer.wait()
                     stop(run, interrupt.signum, f"at the end of epoch {epoch}")

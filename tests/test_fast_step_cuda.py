@@ -1,4 +1,4 @@
-"""What only a GPU can check (skipped without CUDA; tools/gpu_check.sh runs them on a lent GPU):
+"""What only a GPU can check (skipped without CUDA; tools/lease.py runs three on a lent GPU):
 a killed graph-mode run resumes exactly (first: it matters most), the counter streams give the
 CPU's numbers, the captured CUDA-graph step gives the compiled step's numbers with no guard
 firing, seeded runs repeat bit for bit."""

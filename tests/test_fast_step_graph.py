@@ -361,3 +361,26 @@ def test_a_capture_that_breaks_cuda_stops_with_a_message(standin, monkeypatch):
         "is capturing) left CUDA unusable in this process (RuntimeError: Offset increment "
         "outside graph capture encountered unexpectedly.); run it again with --compile=false "
         "(a resume may add it too)")
+
+
+def test_a_failed_capture_does_not_move_the_dropout_stream(standin, monkeypatch):
+    """After a failed capture the run goes on as the compiled step would have: no extra draw
+    from the generator that dropout draws from (here the CPU's, standing in for CUDA's). The
+    step runs uncompiled (torch.compile as the identity): what is tested is the capture's
+    bookkeeping, not inductor."""
+    monkeypatch.setattr(torch, "compile", lambda f, **kwargs: f)
+    standin.fail = True
+    runs = []
+    for mode in ("graph", "compiled"):
+        model, _ = _network("mlp_dropout", True)
+        optimizer = quiet(bc.make_optimizer, model, 0.01)
+        fast_step.set_stream_kind(model, "counter")
+        model.train()
+        step = fast_step.TrainStep(model, optimizer, _data(), BATCH, mode=mode)
+        torch.manual_seed(7)
+        losses = quiet(_epochs, step, optimizer, range(3))  # the capture fails at step 4
+        runs.append((step.mode, losses, torch.get_rng_state()))
+    (mode, losses, rng), (_, losses_compiled, rng_compiled) = runs
+    assert mode == "compiled" and standin.captures == 0 and len(standin.rng_restored) == 1
+    assert torch.equal(rng, rng_compiled)  # before the fix: a draw more (torch.rand(1))
+    assert torch.equal(losses, losses_compiled)

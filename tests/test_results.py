@@ -233,3 +233,37 @@ def test_a_damaged_run_is_named_and_left_out(tmp_path):
     assert f"Skipped {tmp_path / 'good'}: unreadable ({tmp_path / 'good' / 'hparams.json'}: " \
            "not valid JSON" in message
     assert message.endswith(f"\nerror: no readable run directories under {tmp_path}\n")
+
+
+def test_the_ledger_states_what_was_run_and_a_cut_run_is_no_result(tmp_path):
+    """results.py --ledger on what tools/lease.py unpack leaves: a finished run with its test
+    error, card, torch and commit; a run cut short by the lease's deadline as cut short, with
+    the epoch it reached and no error; only the finished one in the table below."""
+    lease = dict(card="NVIDIA H200", torch="2.11.0+cu130", commit="abc1234567",
+                 data="MNIST: 60000 training, 8000 test images")
+    done = tmp_path / "2026-12-05T1200-h200" / "mnist-250"
+    write_run(done, errors=[1.3, 1.2], num_epochs=2, seed=1234)
+    rows = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
+    (done / "metrics.jsonl").write_text("".join(json.dumps({**r, "best_epoch": 2}) + "\n"
+                                                for r in rows))
+    (done / "lease.json").write_text(json.dumps({**lease, "status": "finished"}))
+    cut = tmp_path / "2026-12-05T1200-h200" / "paper-mnist" / "mnist_paper_det_bc" / "seed1"
+    write_run(cut, errors=[1.9, 1.8, 1.7], **{**_paper("det_bc"), "seed": 1})
+    (cut / "lease.json").write_text(json.dumps({**lease, "status": "cut short"}))
+    out = results(tmp_path, "--ledger").stdout
+    line = next(x for x in out.splitlines() if "mnist-250" in x)
+    assert "mnist.py, lasagne, BinaryConnect (stoch.), num_epochs=2" in line
+    assert "data: MNIST: 60000 training, 8000 test images" in line
+    assert "| finished | 1.20 (epoch 2) | NVIDIA H200 | 2.11.0+cu130 | abc1234567 |" in line
+    line = next(x for x in out.splitlines() if "seed1" in x)
+    assert "mnist.py, paper §9, BinaryConnect (det.)" in line
+    assert "| cut short at epoch 3 of 1000 | — |" in line and "1.70" not in line
+    table = out.split("\n\n", 1)[1]
+    assert "| MNIST | lasagne | BinaryConnect (stoch.) | num_epochs=2 | 1.20 | 1 |" in table
+    assert "Unfinished (not averaged)" in table and "paper §9" not in table.split("\n\n")[0]
+
+
+def _paper(name):
+    scope = {}
+    exec((ROOT / "config" / f"mnist_paper_{name}.py").read_text(), {}, scope)
+    return configurator.hyperparameters(scope)

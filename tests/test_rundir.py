@@ -814,3 +814,50 @@ def test_mid_epoch_resume_with_host_side_training_data_is_exact(tmp_path, stop_a
     assert resumed_weights.keys() == weights.keys()
     for name in weights:
         assert torch.equal(resumed_weights[name], weights[name]), name
+
+
+# checkpoint_every: fewer checkpoints, the same exact resume ------------------------------------------
+
+@pytest.fixture(scope="module")
+def five_epochs(work):
+    """The uninterrupted 5-epoch run, a checkpoint every epoch (the default)."""
+    out = work / "five-epochs"
+    check_ok(run_mnist(work, out, num_epochs=5))
+    return out
+
+
+def same_best(a, b):
+    a, b = load(Path(a) / "best.pt"), load(Path(b) / "best.pt")
+    assert a["epoch"] == b["epoch"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_checkpoint_every_kill_between_checkpoints_resumes_exactly(work, five_epochs, tmp_path):
+    """Checkpoints after epochs 2, 4 and 5; killed in epoch 4, after epoch 3 was reported:
+    metrics.jsonl holds no epoch past last.pt's (3 is not kept), and the resume redoes epoch 3
+    to the numbers of the run that checkpointed every epoch, best.pt included."""
+    out = tmp_path / "b"
+    p = run_mnist(work, out, hook=dict(action="SIGKILL", at=at(4, 2)), num_epochs=5,
+                  checkpoint_every=2)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "Epoch 3 of 5" in (out / "log.txt").read_text()
+    assert load(out / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in metrics(out)] in ([1, 2], [])  # [] if killed mid-write
+    check_ok(run_mnist(work, out, resume=True, num_epochs=5, checkpoint_every=2))
+    assert without_seconds(metrics(out)) == without_seconds(metrics(five_epochs))
+    same_best(out, five_epochs)
+
+
+def test_checkpoint_every_signal_writes_the_pending_best(work, five_epochs, tmp_path):
+    """A SIGTERM in epoch 3 with checkpoint_every=4 (no checkpoint yet): the checkpoint it
+    writes carries the best model of epochs 1-2 as best.pt; the resume ends as the reference."""
+    out = tmp_path / "b"
+    p = run_mnist(work, out, hook=dict(action="SIGTERM", at=at(3, 2)), num_epochs=5,
+                  checkpoint_every=4)
+    assert p.returncode == 128 + signal.SIGTERM, p.stdout + p.stderr
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert load(out / "best.pt")["epoch"] == rows[-1]["best_epoch"]
+    check_ok(run_mnist(work, out, resume=True, num_epochs=5, checkpoint_every=4))
+    assert without_seconds(metrics(out)) == without_seconds(metrics(five_epochs))
+    same_best(out, five_epochs)

@@ -105,15 +105,22 @@ def float_model(model):
     return Model(model.meta, layers, model.input_mean, model.path)
 
 
+def _signs(op, arrays):
+    """A binary layer's packed sign bits, checked to hold its shape's count; op's H as a float."""
+    n = int(np.prod(op["shape"]))
+    signs = arrays[op["signs"]]
+    if signs.dtype != np.uint8 or signs.ndim != 1 or signs.size * 8 < n:
+        raise ValueError(f"{op['signs']} holds fewer than {n} bits")
+    op["H"] = float(op["H"])
+    return signs
+
+
 def _unpack(op, arrays, keep_packed):
     op = dict(op)
     if op["op"] in ("dense", "conv"):
         shape = tuple(op["shape"])
         n = int(np.prod(shape))
-        signs = arrays[op["signs"]]
-        if signs.dtype != np.uint8 or signs.ndim != 1 or signs.size * 8 < n:
-            raise ValueError(f"{op['signs']} holds fewer than {n} bits")
-        op["H"] = float(op["H"])
+        signs = _signs(op, arrays)
         if op.get("bias"):
             op["b"] = arrays[op["bias"]].astype(np.float32)
         if keep_packed:
@@ -127,11 +134,7 @@ def _unpack(op, arrays, keep_packed):
         op["a"] = arrays[op["scale"]].astype(np.float32)
         op["c"] = arrays[op["shift"]].astype(np.float32)
     elif op["op"] == "xnor":  # BinaryNet: +-1 inputs, and a threshold unless it is the last layer
-        n = int(np.prod(op["shape"]))
-        signs = arrays[op["signs"]]
-        if signs.dtype != np.uint8 or signs.ndim != 1 or signs.size * 8 < n:
-            raise ValueError(f"{op['signs']} holds fewer than {n} bits")
-        op["H"] = float(op["H"])
+        signs = _signs(op, arrays)
         if op.get("threshold"):
             op["T"] = arrays[op["threshold"]].astype(np.int64)
             op["direction"] = arrays[op["direction"]].astype(np.int8)

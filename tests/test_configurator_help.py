@@ -273,8 +273,8 @@ def test_a_resume_may_change_compile(tmp_path):
 def test_help_says_what_a_resume_may_change_and_how_to_train_longer():
     text = " ".join(configurator.help_text(runpy.run_path(str(ROOT / "mnist.py"),
                                                           run_name="x")).split())
-    assert ("with it only device, data_dir and compile may be given (where things are, not what "
-            "is computed), and out_dir only as RUN_DIR itself.") in text
+    assert ("with it only device, data_dir, compile and checkpoint_every may be given (where "
+            "things are, not what is computed), and out_dir only as RUN_DIR itself.") in text
     assert "so a longer run is a new run: start one with --num_epochs=N" in text
 
 

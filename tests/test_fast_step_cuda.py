@@ -76,6 +76,17 @@ def test_counter_stream_is_the_same_on_cpu_and_gpu():
         assert torch.equal(cpu, gpu.cpu())
 
 
+def _assert_replays_the_compiled_step(graph_losses, graph, compiled_losses, compiled):
+    """The replayed kernels are the compiled step's: to test_fast_step's tolerance, counters
+    exact."""
+    torch.testing.assert_close(graph_losses, compiled_losses, rtol=1e-5, atol=1e-6)
+    for k in compiled:
+        if compiled[k].dtype in (torch.int64, torch.float64):
+            assert torch.equal(graph[k], compiled[k]), k
+        else:
+            torch.testing.assert_close(graph[k], compiled[k], rtol=1e-4, atol=1e-3, msg=k)
+
+
 @pytest.mark.parametrize("kind, stochastic", [("mlp", True), ("cnn", False), ("cnn", True)])
 def test_graph_step_gives_the_compiled_step_and_the_eager_step(kind, stochastic):
     # 9 steps over 5 epochs of 2 steps: the capture (after 3 steps) and replays across epochs,
@@ -84,13 +95,7 @@ def test_graph_step_gives_the_compiled_step_and_the_eager_step(kind, stochastic)
     compiled_losses, compiled, mode_c = _run(kind, stochastic, "compiled", steps=9, device=GPU)
     graph_losses, graph, mode_g = _run(kind, stochastic, "graph", steps=9, device=GPU)
     assert (mode_c, mode_g) == ("compiled", "graph")  # no guard fired
-    # the replayed kernels are the compiled step's: to test_fast_step's tolerance, counters exact
-    torch.testing.assert_close(graph_losses, compiled_losses, rtol=1e-5, atol=1e-6)
-    for k in compiled:
-        if compiled[k].dtype in (torch.int64, torch.float64):
-            assert torch.equal(graph[k], compiled[k]), k
-        else:
-            torch.testing.assert_close(graph[k], compiled[k], rtol=1e-4, atol=1e-3, msg=k)
+    _assert_replays_the_compiled_step(graph_losses, graph, compiled_losses, compiled)
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
     for k in eager:
         if eager[k].dtype in (torch.int64, torch.float64):
@@ -106,12 +111,7 @@ def test_binarynet_graph_step_gives_the_compiled_step():
                                              device=GPU)
     graph_losses, graph, mode_g = _run("binarynet_mlp", False, "graph", steps=9, device=GPU)
     assert (mode_c, mode_g) == ("compiled", "graph")  # no guard fired
-    torch.testing.assert_close(graph_losses, compiled_losses, rtol=1e-5, atol=1e-6)
-    for k in compiled:
-        if compiled[k].dtype in (torch.int64, torch.float64):
-            assert torch.equal(graph[k], compiled[k]), k
-        else:
-            torch.testing.assert_close(graph[k], compiled[k], rtol=1e-4, atol=1e-3, msg=k)
+    _assert_replays_the_compiled_step(graph_losses, graph, compiled_losses, compiled)
 
 
 def test_graph_mode_with_dropout_passes_its_first_replay_check():

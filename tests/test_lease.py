@@ -40,8 +40,8 @@ def finished_run(run_dir, status="finished", num_epochs=2, **lease_fields):
 
 def test_the_queue_reads_and_a_bad_line_is_named(tmp_path):
     items = lease.read_queue(lease.QUEUE)
-    assert [i["name"] for i in items][:3] == ["mnist-250", "k-probe", "paper-mnist"]
-    assert [i["sweep"] for i in items][:3] == [False, False, True]
+    assert [i["name"] for i in items][:4] == ["mnist-250", "bnn-mnist", "k-probe", "paper-mnist"]
+    assert [i["sweep"] for i in items][:4] == [False, False, False, True]
     assert all(i["minutes"] > 0 and i["smoke"] for i in items)
     bad = tmp_path / "queue.txt"
     bad.write_text("# a comment\nmnist 250 | python3 mnist.py\n")

@@ -682,7 +682,7 @@ def test_a_resume_of_an_edited_hparams_json_is_refused(work, reference, tmp_path
                                                                "does not match the checkpoint")
     for k, v in edit.items():
         assert f"{k} is {v!r} there but {trained[k]!r} in the checkpoint" in p.stderr
-    assert "a resume may change only device, data_dir and compile" in p.stderr
+    assert "a resume may change only device, data_dir, compile and checkpoint_every" in p.stderr
     assert (run / "last.pt").read_bytes() == before
 
 

@@ -14,11 +14,12 @@ train/eval graph), each a multiple of the compiles it holds:
   preflight      20 s  versions; the imports of every script; a C compiler (triton builds its
                        launchers with it); one tiny torch.compile on CUDA. A missing piece is
                        named in one line, and the parts that need it are skipped.
-  checks        150 s  the CUDA tests that matter most: a graph-mode run killed mid-epoch resumes
+  checks        180 s  the CUDA tests that matter most: a graph-mode run killed mid-epoch resumes
                        bit-exact (3 processes, the first compiling cold: ~80 s), graph = compiled
-                       (one MLP: ~30 s), bf16 keeps float32 state (one CNN: ~40 s). The first
-                       queue item (MNIST's 250 epochs, ~3 min) runs beside them, for at most
-                       300 s: they compile on the CPU, and the GPU would idle.
+                       (one MLP: ~30 s; BinaryNet's MLP, whose graph path no GPU has run: ~30 s),
+                       bf16 keeps float32 state (one CNN: ~40 s). The first queue item
+                       (MNIST's 250 epochs, ~3 min) runs beside them, for at most 300 s: they
+                       compile on the CPU, and the GPU would idle.
   bench-mnist   120 s  benchmark.py, MNIST at full size: plain, eager, fast fp32 and bf16, fp32
                        autotuned (3 compiles of ~35 s), projected minutes of a full run.
   bench-cifar10 150 s  the same for CIFAR-10 in fp32 and bf16 (2 CNN compiles of ~60 s, their
@@ -52,13 +53,14 @@ BESIDE_SECONDS = 300  # the first queue item, beside the checks: MNIST's 250 epo
 KILL_AFTER = 10  # seconds between a deadline's SIGTERM (a checkpoint) and its SIGKILL
 RUN_FILES = ("hparams.json", "metrics.jsonl", "log.txt", "resumes.jsonl")
 # The parts (name, deadline in seconds, what they need from the preflight), most valuable first.
-PARTS = [("checks", 150, ("torch", "cuda", "compile")),
+PARTS = [("checks", 180, ("torch", "cuda", "compile")),
          ("bench-mnist", 120, ("torch", "cuda", "compile")),
          ("bench-cifar10", 150, ("torch", "cuda", "compile"))]
 ALL_PARTS = [name for name, _, _ in PARTS] + ["queue"]
 CHECKS = ["tests/test_fast_step_cuda.py::test_killed_graph_mode_run_resumes_exactly",
           "tests/test_fast_step_cuda.py::test_graph_step_gives_the_compiled_step_and_the_eager_step"
           "[mlp-True]",
+          "tests/test_fast_step_cuda.py::test_binarynet_graph_step_gives_the_compiled_step",
           "tests/test_fast_step_cuda.py::test_lower_precisions_train_with_float32_state[bf16]"]
 BENCH = {"bench-mnist": ["--nets=mnist", "--steps=30", "--repeats=2", "--precisions=fp32,bf16",
                          "--autotune"],

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from binary_connect import binary_layers
-from configurator import RESUME_MAY_CHANGE, changed
+from configurator import changed, resume_may_change
 from fast_step import to_host
 from rundir import atomic_torch_save, log_metrics
 from runfiles import RUN_FILES, RunError
@@ -183,15 +183,13 @@ def _check_hparams(run, path, trained):
         return
     differ = changed(run.config, trained)
     if differ:
-        may = [k for k in RESUME_MAY_CHANGE if k in run.config and k not in ("resume", "out_dir")]
-        may = " and ".join([", ".join(may[:-1]), may[-1]] if may[1:] else may)
         raise RunError(
             f"{run.path('hparams.json')} does not match the checkpoint {path}: "
             + ", ".join(f"{k} is {run.config[k]!r} there but {trained[k]!r} in the checkpoint"
                         for k in differ)
             + "; a resumed run keeps the hyperparameters it was trained with: put those values "
-            f"back (a resume may change only {may}), or start a new run with the new ones "
-            "(docs/runs.md, \"Changing a setting\")")
+            f"back (a resume may change only {resume_may_change(run.config)}), or start a new "
+            "run with the new ones (docs/runs.md, \"Changing a setting\")")
 
 
 def _first_line(error):

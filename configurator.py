@@ -258,6 +258,13 @@ RESUME_MAY_CHANGE = ("resume", "out_dir", "device", "data_dir", "SVHN_LOCAL_PATH
                      "checkpoint_every")
 
 
+def resume_may_change(config):
+    """The settings a resume of a run with `config` may be given, as prose ("device, data_dir,
+    compile and checkpoint_every"): --help and the checkpoint's refusal say the same."""
+    return _listing([k for k in RESUME_MAY_CHANGE if k in config
+                     and k not in ("resume", "out_dir")], "and")
+
+
 def changed(settings, stored):
     """The keys of settings that a resume of the run whose hyperparameters are `stored` may not
     change, and that differ from them: the one rule for --resume, the checkpoint's own record
@@ -448,10 +455,8 @@ def help_text(globals_dict):
            "default: a bool is true/false, 1/0, yes/no or on/off; a str is the text as written"
            + ('; H and W_LR_scale take "Glorot" or a number' if "H" in config else "") + ".")
     if resume:
-        may_change = [k for k in RESUME_MAY_CHANGE if k in config
-                      and k not in ("resume", "out_dir")]
         how += (" --resume=RUN_DIR continues the run in RUN_DIR with the hyperparameters stored "
-                f"in its hparams.json; with it only {_listing(may_change, 'and')} may be given "
+                f"in its hparams.json; with it only {resume_may_change(config)} may be given "
                 "(where things are, not what is computed)"
                 + (", and out_dir only as RUN_DIR itself" if "out_dir" in config else "")
                 + (". " + _LONGER if "num_epochs" in config else "") + ".")

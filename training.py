@@ -113,8 +113,8 @@ def train(model, data, run):
     LR_decay = lr_decay(LR_start, c["LR_fin"], num_epochs)
     precision, loss_reduction = c["precision"], c["loss_reduction"]
     monitor_step, bn_stats = c["monitor_step"], c["bn_stats"]
-    sampled = c.get("binary", True) and c.get("stochastic", False)  # BIG_LOSS_NOTE's case
-    checkpoint_every = c.get("checkpoint_every", 1)  # runs recorded before it existed: 1
+    sampled = c["binary"] and c["stochastic"]  # BIG_LOSS_NOTE's case
+    checkpoint_every = c["checkpoint_every"]
     model.to(run.device)
     optimizer = make_optimizer(model, LR_start, c["optimizer"])  # §2.2
     print('Training...')

@@ -97,17 +97,24 @@ def export_arrays(model, input_shape, meta=None):
     xnor = None  # [op, layer, its batch norm]: an xnor layer waiting for its activation
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
 
+    def add_affine(bn, bias, nonlinearity):
+        """A batch norm as y = a*x + shift, the preceding layer's bias (or None) folded in:
+        BN(Wx + b) = a*(Wx) + (shift + a*b)."""
+        a, shift = (t.double().cpu().numpy() for t in bn.scale_shift())
+        if bias is not None:
+            shift = shift + a * bias
+        key = f"layer{len(layers)}"
+        arrays[f"{key}.scale"] = a.astype(np.float32)
+        arrays[f"{key}.shift"] = shift.astype(np.float32)
+        layers.append(dict(op="affine", scale=f"{key}.scale", shift=f"{key}.shift",
+                           nonlinearity=nonlinearity))
+
     def flush_xnor():  # an xnor layer with no binary_tanh_unit after it: the output layer
         nonlocal xnor, pending
         if xnor is not None and xnor[2] is not None:
-            a, shift = (t.double().cpu().numpy() for t in xnor[2].scale_shift())
-            if xnor[1].bias is not None:
-                shift = shift + a * xnor[1].bias.double().cpu().numpy()
-            key = f"layer{len(layers)}"
-            arrays[f"{key}.scale"] = a.astype(np.float32)
-            arrays[f"{key}.shift"] = shift.astype(np.float32)
-            layers.append(dict(op="affine", scale=f"{key}.scale", shift=f"{key}.shift",
-                               nonlinearity="identity"))
+            bias = xnor[1].bias
+            add_affine(xnor[2], None if bias is None else bias.double().cpu().numpy(),
+                       "identity")
             pending = None
         elif xnor is not None:
             raise UserError(f"{xnor[0]['kind']} layer {len(layers) - 1}: a binary layer on binary "
@@ -173,17 +180,9 @@ def export_arrays(model, input_shape, meta=None):
             elif xnor is not None and hasattr(m, "scale_shift"):
                 xnor[2] = m  # its batch norm: a threshold or the scores, as what follows says
             elif hasattr(m, "scale_shift"):  # batch_norm.BatchNormLayer, LasagneBatchNormLayer
-                a, shift = m.scale_shift()
-                a, shift = a.double().cpu().numpy(), shift.double().cpu().numpy()
-                if pending is not None and pending[2] is not None:
-                    shift = shift + a * pending[2]
+                add_affine(m, None if pending is None else pending[2],
+                           _nonlinearity(getattr(m, "nonlinearity", None), where))
                 pending = None
-                key = f"layer{len(layers)}"
-                arrays[f"{key}.scale"] = a.astype(np.float32)
-                arrays[f"{key}.shift"] = shift.astype(np.float32)
-                layers.append(dict(op="affine", scale=f"{key}.scale", shift=f"{key}.shift",
-                                   nonlinearity=_nonlinearity(getattr(m, "nonlinearity", None),
-                                                              where)))
             elif isinstance(m, nn.MaxPool2d):
                 k, s = m.kernel_size, m.stride
                 if (k not in (2, (2, 2)) or s not in (2, (2, 2)) or m.padding not in (0, (0, 0))

@@ -47,17 +47,13 @@ def progress(run_dir):
     metrics.jsonl, with or without its checkpoint: results/ keeps none). A run whose records
     cannot be read is resumed: the resume rewrites metrics.jsonl, or names the damaged
     hparams.json."""
-    if not (Path(run_dir) / "last.pt").exists():
-        try:
-            return "done" if is_finished(read_record(run_dir)["hparams"],
-                                         read_metrics(run_dir)) else "start"
-        except RunError:
-            return "start"
     try:
         finished = is_finished(read_record(run_dir)["hparams"], read_metrics(run_dir))
     except RunError:
         finished = False
-    return "done" if finished else "resume"
+    if finished:
+        return "done"
+    return "resume" if (Path(run_dir) / "last.pt").exists() else "start"
 
 
 FAILED = "failed.json"  # in a run directory: the sweep's note of the run's last, failed attempt

@@ -47,6 +47,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as tools/lease.py: the project's modules beside it
+from runfiles import RunError, is_finished, read_metrics, read_record  # noqa: E402 (no torch)
+
 QUEUE = ROOT / "tools" / "lease_queue.txt"
 PLAN_SECONDS = 540  # 9 minutes: one call of at most 10, with room for the start and the packing
 BESIDE_SECONDS = 300  # the first queue item, beside the checks: MNIST's 250 epochs, ~3 min
@@ -339,7 +342,7 @@ class Plan:
             self.record(dest, job, rc, seconds, status=status,
                         data=describe_data(self.data, job["command"]))
             if status == "finished":
-                errors.append(read_last(run_dir / "metrics.jsonl").get("test_err"))
+                errors.append(read_metrics(run_dir)[-1].get("test_err"))
         if not runs and rc == 0:  # an item without runs (a benchmark, probe-k): its record alone
             k = job["run"] / "k.txt"
             self.record(staging / self.lease / job["name"], job, rc, seconds, status="finished",
@@ -443,25 +446,14 @@ def read_queue(path):
     return items
 
 
-def read_last(path):
-    """The last line of a metrics.jsonl, {} if none can be read."""
-    try:
-        return json.loads(Path(path).read_text().splitlines()[-1])
-    except (OSError, ValueError, IndexError):
-        return {}
-
-
 def run_status(run_dir, rc, cut):
     """finished (its last epoch in metrics.jsonl), cut short (stopped by the plan's deadline) or
     failed (it ended otherwise)."""
     try:
-        hp = json.loads((run_dir / "hparams.json").read_text())["hparams"]
-        epochs = [json.loads(line).get("epoch") for line in
-                  (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError, KeyError):
-        return "cut short" if cut else "failed"
-    if hp.get("num_epochs") in epochs:
-        return "finished"
+        if is_finished(read_record(run_dir)["hparams"], read_metrics(run_dir)):
+            return "finished"
+    except RunError:
+        pass
     return "cut short" if cut else "failed"
 
 
